@@ -1,0 +1,147 @@
+//! The config file as written: serde structs that mirror the TOML, one per
+//! section, every one with `deny_unknown_fields` so a misspelt key is an
+//! error rather than a silently ignored setting. Values that later checks
+//! must point at keep their position with `Spanned`.
+//!
+//! Device tables are deliberately flat (one struct whatever the `kind`):
+//! serde's tagged enums buffer their input and would lose the positions of
+//! the keys inside them. Which keys suit which kind is checked afterwards,
+//! in `validate.rs`, with a message naming the kind.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::de::{self, Deserializer, Unexpected, Visitor};
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::units::{ByteSize, ConfigDuration};
+
+/// The whole file.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub gateway: GatewaySection,
+    #[serde(default)]
+    pub broker: BrokerSection,
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceSection>,
+}
+
+/// `[gateway]`
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySection {
+    pub id: Option<Spanned<String>>,
+    pub data_dir: Option<PathBuf>,
+    pub log: Option<Spanned<String>>,
+}
+
+/// `[broker]`, the local LAN broker.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerSection {
+    pub listen: Option<Vec<Spanned<String>>>,
+    pub allow_anonymous: Option<bool>,
+    pub max_connections: Option<Spanned<u32>>,
+    pub max_packet_size: Option<Spanned<ByteSize>>,
+}
+
+/// An enum written as one of a few strings, whose error lists them all
+/// (serde's derive for enums reports "wanted string or table" through toml).
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($(#[$vmeta])* $variant),+ }
+
+        impl $name {
+            const NAMES: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                struct EnumVisitor;
+                impl Visitor<'_> for EnumVisitor {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        let quoted: Vec<String> = $name::NAMES.iter().map(|n| format!("\"{n}\"")).collect();
+                        write!(f, "one of {}", quoted.join(", "))
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> Result<$name, E> {
+                        match v {
+                            $($text => Ok($name::$variant),)+
+                            _ => Err(E::invalid_value(Unexpected::Str(v), &self)),
+                        }
+                    }
+                }
+                deserializer.deserialize_str(EnumVisitor)
+            }
+        }
+    };
+}
+
+string_enum! {
+    /// The device kinds the config language knows.
+    DeviceKind {
+        ModbusTcp = "modbus-tcp",
+        ModbusRtu = "modbus-rtu",
+        Serial = "serial",
+        Ble = "ble",
+        System = "system",
+    }
+}
+
+string_enum! {
+    /// `format`: how a reading becomes payloads.
+    #[derive(Default)]
+    Format {
+        /// One JSON document per reading on the device's topic.
+        #[default]
+        Json = "json",
+        /// One message per attribute on `{topic}/{attribute}`, the bare value.
+        Value = "value",
+    }
+}
+
+string_enum! {
+    /// `publish`: which attributes of a reading are sent.
+    PublishMode {
+        /// Every attribute of every reading.
+        Always = "always",
+        /// Only attributes that changed, and each at least once per heartbeat.
+        OnChange = "on-change",
+    }
+}
+
+/// `[[device]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    pub name: Spanned<String>,
+    pub kind: Spanned<DeviceKind>,
+    pub poll: Option<Spanned<ConfigDuration>>,
+    pub topic: Option<Spanned<String>>,
+    #[serde(default)]
+    pub format: Format,
+    pub publish: Option<Spanned<PublishMode>>,
+    pub heartbeat: Option<Spanned<ConfigDuration>>,
+    /// `system` only: extra filesystems to watch, label = path.
+    pub disks: Option<Spanned<BTreeMap<String, PathBuf>>>,
+    #[serde(default, rename = "attribute")]
+    pub attributes: Vec<AttributeSection>,
+}
+
+/// `[[device.attribute]]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttributeSection {
+    pub name: Spanned<String>,
+    pub deadband: Option<Spanned<f64>>,
+}

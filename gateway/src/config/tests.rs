@@ -1,0 +1,163 @@
+//! Config parsing, good and bad, through the public entry point.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    Config::parse(text, ConfigSource::File(PathBuf::from("/etc/fieldmq/t.toml")))
+}
+
+/// Every error, rendered, one string each.
+fn errors(text: &str) -> Vec<String> {
+    let errors = parse(text).expect_err("the config must be refused");
+    let name = errors.source.to_string();
+    errors.diagnostics.iter().map(|d| d.render(&name, &errors.text).to_string()).collect()
+}
+
+fn first_lines(errors: Vec<String>) -> Vec<String> {
+    errors.iter().map(|e| e.lines().next().unwrap_or_default().to_owned()).collect()
+}
+
+#[test]
+fn the_embedded_default_runs_the_system_device_on_localhost() {
+    let config = Config::parse(EMBEDDED_DEFAULT, ConfigSource::Embedded).expect("the default is valid");
+    assert_eq!(config.broker.listen, ["127.0.0.1:1883".parse().unwrap()]);
+    assert_eq!(config.devices.len(), 1);
+    assert_eq!(config.devices[0].kind, DeviceKind::System);
+    assert_eq!(config.devices[0].poll, Duration::from_secs(5));
+    assert!(!config.gateway_id.is_empty());
+}
+
+#[test]
+fn the_example_config_is_valid_and_means_what_its_comments_say() {
+    let text = include_str!("../../../config/example.toml");
+    let config = parse(text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.gateway_id, "pi-01");
+    assert_eq!(config.data_dir, PathBuf::from("/var/lib/fieldmq"));
+    assert_eq!(config.broker.max_packet_size, 1 << 20);
+    let changes = &config.devices[1];
+    assert_eq!(changes.format, Format::Value);
+    assert_eq!(
+        changes.publish,
+        PublishPolicy::OnChange {
+            heartbeat: Duration::from_secs(600),
+            deadbands: vec![("load_1m".into(), 0.25), ("mem_available".into(), 16.0)]
+        }
+    );
+}
+
+#[test]
+fn three_distinct_mistakes_are_reported_together_with_line_and_column() {
+    let text = "\
+[gateway]
+id = \"pi-01\"
+
+[[device]]
+name = \"host\"
+kind = \"system\"
+poll = 5
+topic = \"fieldmq/{gateway}/{node}\"
+heartbeat_interval = \"1m\"
+
+[[device]]
+name = \"host-2\"
+kind = \"system\"
+poll = \"5 seconds\"
+";
+    let errors = errors(text);
+    assert_eq!(
+        first_lines(errors.clone()),
+        [
+            "/etc/fieldmq/t.toml:7:8: invalid type: integer `5`, expected a duration like \"250ms\", \"5s\" or \"2m\"",
+            "/etc/fieldmq/t.toml:9:1: unknown field `heartbeat_interval`, expected one of `name`, `kind`, `poll`, `topic`, `format`, `publish`, `heartbeat`, `disks`, `attribute`",
+            "/etc/fieldmq/t.toml:14:8: invalid value: string \"5 seconds\", expected a duration like \"250ms\", \"5s\" or \"2m\"",
+        ]
+    );
+    // Each error shows the offending text, underlined.
+    assert!(errors[2].ends_with("14 | poll = \"5 seconds\"\n   |        ^^^^^^^^^^^"), "{}", errors[2]);
+}
+
+#[test]
+fn meaning_errors_are_found_too_and_all_at_once() {
+    let text = "\
+[gateway]
+id = \"pi/01\"
+log = \"loud\"
+
+[broker]
+listen = [\"localhost:1883\"]
+
+[[device]]
+name = \"a\"
+kind = \"system\"
+topic = \"x/{nod}\"
+
+[[device]]
+name = \"a\"
+kind = \"modbus-tcp\"
+
+[[device]]
+name = \"b\"
+kind = \"system\"
+poll = \"10s\"
+publish = \"on-change\"
+heartbeat = \"5s\"
+  [[device.attribute]]
+  name = \"voltage\"
+  deadband = -1.0
+
+[[device]]
+name = \"c\"
+kind = \"system\"
+heartbeat = \"1m\"
+topic = \"t/{attribute}\"
+";
+    assert_eq!(
+        first_lines(errors(text)),
+        [
+            "/etc/fieldmq/t.toml:2:6: the gateway id must not contain /, + or # (it is one level of a topic): `pi/01`",
+            "/etc/fieldmq/t.toml:3:7: invalid log filter `loud`, expected a level (error, warn, info, debug, trace) or `target=level,...`",
+            "/etc/fieldmq/t.toml:6:11: invalid listen address `localhost:1883`, expected IP:PORT like \"0.0.0.0:1883\" or \"[::]:1883\"",
+            "/etc/fieldmq/t.toml:11:9: unknown placeholder `{nod}`, expected {gateway}, {node}, {attribute} or {kind}",
+            "/etc/fieldmq/t.toml:14:8: a device named `a` is already defined: device names must be unique",
+            "/etc/fieldmq/t.toml:15:8: device kind `modbus-tcp` is not available in this version of fieldmq yet; available: system",
+            "/etc/fieldmq/t.toml:22:13: heartbeat (5s) must be at least the poll period (10s)",
+            "/etc/fieldmq/t.toml:24:10: a system device has no attribute `voltage`; it has: cpu_temp, load_1m, load_5m, load_15m, mem_used, mem_available, disk_free, uptime, process_rss",
+            "/etc/fieldmq/t.toml:25:14: deadband must be a finite number >= 0",
+            "/etc/fieldmq/t.toml:30:13: heartbeat applies only with publish = \"on-change\"",
+            "/etc/fieldmq/t.toml:31:9: {attribute} needs format = \"value\": a json message carries every attribute of a reading",
+        ]
+    );
+}
+
+#[test]
+fn defaults_fill_what_the_file_leaves_out() {
+    let config = parse("[[device]]\nname = \"h\"\nkind = \"system\"\npublish = \"on-change\"\n").unwrap();
+    let device = &config.devices[0];
+    assert_eq!(device.poll, Duration::from_secs(5));
+    assert_eq!(device.topic.to_string(), "fieldmq/{gateway}/{node}");
+    assert_eq!(
+        device.publish,
+        PublishPolicy::OnChange { heartbeat: Duration::from_secs(300), deadbands: vec![] }
+    );
+    assert_eq!(config.broker.max_connections, 1000);
+    assert!(config.broker.allow_anonymous);
+}
+
+#[test]
+fn a_relative_data_dir_is_relative_to_the_config_file() {
+    let config = parse("[gateway]\ndata_dir = \"state\"\n").unwrap();
+    assert_eq!(config.data_dir, PathBuf::from("/etc/fieldmq/state"));
+}
+
+#[test]
+fn an_unreadable_file_is_refused_with_its_path() {
+    let err = Config::load(Some(std::path::Path::new("/nonexistent/fieldmq.toml"))).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "error: /nonexistent/fieldmq.toml: cannot read the config: No such file or directory (os error 2)\n\
+         /nonexistent/fieldmq.toml: 1 error found; the config was not applied"
+    );
+}

@@ -1,0 +1,310 @@
+//! What serde cannot check: names that become topic levels, unique devices,
+//! topic templates, which keys suit which device kind, and the defaults.
+//! Every problem is pushed as a [`Diagnostic`] and checking goes on, so the
+//! user sees all of them at once.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use toml::Spanned;
+use tracing_subscriber::filter::Targets;
+
+use super::file::{ConfigFile, DeviceKind, DeviceSection, Format, PublishMode};
+use super::{BrokerConfig, Config, ConfigSource, DeviceConfig, DeviceSettings, Diagnostic, PublishPolicy};
+use crate::mapping::{TopicTemplate, DEFAULT_TOPIC};
+
+const DEFAULT_POLL: Duration = Duration::from_secs(5);
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(300);
+const MIN_POLL: Duration = Duration::from_millis(10);
+const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
+
+pub fn resolve(file: ConfigFile, source: &ConfigSource, diags: &mut Vec<Diagnostic>) -> Option<Config> {
+    let gateway_id = match &file.gateway.id {
+        Some(id) => {
+            check_topic_level(id, "the gateway id", diags);
+            id.get_ref().clone()
+        }
+        None => hostname(),
+    };
+    if let Some(log) = &file.gateway.log {
+        if !is_log_filter(log.get_ref()) {
+            diags.push(Diagnostic::at(
+                log.span(),
+                format!("invalid log filter `{}`, expected a level (error, warn, info, debug, trace) or `target=level,...`", log.get_ref()),
+            ));
+        }
+    }
+    let data_dir = match &file.gateway.data_dir {
+        Some(dir) => relative_to_config(dir, source),
+        None => default_data_dir(),
+    };
+
+    let broker = resolve_broker(&file, diags);
+
+    let mut names = BTreeSet::new();
+    let mut devices = Vec::with_capacity(file.devices.len());
+    for section in &file.devices {
+        if !names.insert(section.name.get_ref().as_str()) {
+            diags.push(Diagnostic::at(
+                section.name.span(),
+                format!(
+                    "a device named `{}` is already defined: device names must be unique",
+                    section.name.get_ref()
+                ),
+            ));
+        }
+        if let Some(device) = resolve_device(section, diags) {
+            devices.push(device);
+        }
+    }
+
+    Some(Config {
+        source: source.clone(),
+        gateway_id,
+        data_dir,
+        log: file.gateway.log.map(Spanned::into_inner),
+        broker,
+        devices,
+    })
+}
+
+fn resolve_broker(file: &ConfigFile, diags: &mut Vec<Diagnostic>) -> BrokerConfig {
+    let b = &file.broker;
+    let listen = match &b.listen {
+        None => vec![SocketAddr::from_str(DEFAULT_LISTEN).expect("the default listen address parses")],
+        Some(addresses) => addresses
+            .iter()
+            .filter_map(|a| match SocketAddr::from_str(a.get_ref()) {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    diags.push(Diagnostic::at(
+                        a.span(),
+                        format!("invalid listen address `{}`, expected IP:PORT like \"0.0.0.0:1883\" or \"[::]:1883\"", a.get_ref()),
+                    ));
+                    None
+                }
+            })
+            .collect(),
+    };
+    let max_connections = b.max_connections.as_ref().map_or(1000, |m| {
+        if *m.get_ref() == 0 {
+            diags.push(Diagnostic::at(m.span(), "max_connections must be at least 1"));
+        }
+        *m.get_ref()
+    });
+    // MQTT's remaining length caps a packet at 256 MiB.
+    let max_packet_size = b.max_packet_size.as_ref().map_or(1 << 20, |m| {
+        let size = m.get_ref().0;
+        if !(16..=268_435_455 + 5).contains(&size) {
+            diags.push(Diagnostic::at(m.span(), "max_packet_size must be between 16B and 256MiB"));
+        }
+        size
+    });
+    BrokerConfig {
+        listen,
+        allow_anonymous: b.allow_anonymous.unwrap_or(true),
+        max_connections,
+        max_packet_size,
+    }
+}
+
+fn resolve_device(d: &DeviceSection, diags: &mut Vec<Diagnostic>) -> Option<DeviceConfig> {
+    let errors_before = diags.len();
+    check_topic_level(&d.name, "a device name", diags);
+    let kind = *d.kind.get_ref();
+
+    let settings = match kind {
+        DeviceKind::System => {
+            let disks = d.disks.as_ref().map_or_else(Vec::new, |disks| {
+                for label in disks.get_ref().keys() {
+                    if label.is_empty() || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                        diags.push(Diagnostic::at(
+                            disks.span(),
+                            format!("disk label `{label}` must be letters, digits and _ (it becomes the attribute disk_free_{label})"),
+                        ));
+                    }
+                }
+                disks.get_ref().iter().map(|(label, path)| (label.clone(), path.clone())).collect()
+            });
+            DeviceSettings::System { disks }
+        }
+        other => {
+            diags.push(Diagnostic::at(
+                d.kind.span(),
+                format!(
+                    "device kind `{}` is not available in this version of fieldmq yet; available: system",
+                    other.as_str()
+                ),
+            ));
+            return None;
+        }
+    };
+
+    let poll = d.poll.as_ref().map_or(DEFAULT_POLL, |p| {
+        if p.get_ref().0 < MIN_POLL {
+            diags.push(Diagnostic::at(p.span(), "poll must be at least 10ms"));
+        }
+        p.get_ref().0
+    });
+
+    let topic = match &d.topic {
+        None => TopicTemplate::parse(DEFAULT_TOPIC).ok()?,
+        Some(t) => match TopicTemplate::parse(t.get_ref()) {
+            Ok(template) => {
+                if template.has_attribute() && d.format == Format::Json {
+                    diags.push(Diagnostic::at(
+                        t.span(),
+                        "{attribute} needs format = \"value\": a json message carries every attribute of a reading",
+                    ));
+                }
+                template
+            }
+            Err(message) => {
+                diags.push(Diagnostic::at(t.span(), message));
+                return None;
+            }
+        },
+    };
+
+    let known = known_attributes(kind, &settings);
+    for a in &d.attributes {
+        if !known.iter().any(|k| k == a.name.get_ref()) {
+            diags.push(Diagnostic::at(
+                a.name.span(),
+                format!(
+                    "a {} device has no attribute `{}`; it has: {}",
+                    kind.as_str(),
+                    a.name.get_ref(),
+                    known.join(", ")
+                ),
+            ));
+        }
+        if let Some(deadband) = &a.deadband {
+            let value = *deadband.get_ref();
+            if !value.is_finite() || value < 0.0 {
+                diags.push(Diagnostic::at(deadband.span(), "deadband must be a finite number >= 0"));
+            }
+        }
+    }
+
+    let mode = d.publish.as_ref().map_or(PublishMode::Always, |p| *p.get_ref());
+    let publish = match mode {
+        PublishMode::Always => {
+            if let Some(h) = &d.heartbeat {
+                diags.push(Diagnostic::at(h.span(), "heartbeat applies only with publish = \"on-change\""));
+            }
+            if let Some(deadband) = d.attributes.iter().find_map(|a| a.deadband.as_ref()) {
+                diags.push(Diagnostic::at(
+                    deadband.span(),
+                    "deadband applies only with publish = \"on-change\"",
+                ));
+            }
+            PublishPolicy::Always
+        }
+        PublishMode::OnChange => {
+            let heartbeat = d.heartbeat.as_ref().map_or(DEFAULT_HEARTBEAT.max(poll), |h| {
+                if h.get_ref().0 < poll {
+                    diags.push(Diagnostic::at(
+                        h.span(),
+                        format!(
+                            "heartbeat ({}) must be at least the poll period ({})",
+                            h.get_ref(),
+                            humantime::format_duration(poll)
+                        ),
+                    ));
+                }
+                h.get_ref().0
+            });
+            let deadbands = d
+                .attributes
+                .iter()
+                .filter_map(|a| Some((a.name.get_ref().clone(), *a.deadband.as_ref()?.get_ref())))
+                .collect();
+            PublishPolicy::OnChange { heartbeat, deadbands }
+        }
+    };
+
+    (diags.len() == errors_before).then(|| DeviceConfig {
+        name: d.name.get_ref().clone(),
+        kind,
+        poll,
+        topic,
+        format: d.format,
+        publish,
+        settings,
+    })
+}
+
+fn known_attributes(kind: DeviceKind, settings: &DeviceSettings) -> Vec<String> {
+    match (kind, settings) {
+        (DeviceKind::System, DeviceSettings::System { disks }) => adapters::system::ATTRIBUTES
+            .iter()
+            .map(|a| a.to_string())
+            .chain(disks.iter().map(|(label, _)| format!("disk_free_{label}")))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// `info`, or `fieldmq=debug,warn`: each directive a level, or a target and
+/// a level. (`Targets` alone would take a misspelt level as a target name.)
+pub fn is_log_filter(filter: &str) -> bool {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let is_level = |l: &str| LEVELS.iter().any(|level| level.eq_ignore_ascii_case(l.trim()));
+    Targets::from_str(filter).is_ok()
+        && filter.split(',').all(|directive| match directive.split_once('=') {
+            Some((target, level)) => !target.trim().is_empty() && is_level(level),
+            None => is_level(directive),
+        })
+}
+
+/// Gateway ids and device names become single topic levels.
+fn check_topic_level(value: &Spanned<String>, what: &str, diags: &mut Vec<Diagnostic>) {
+    let v = value.get_ref();
+    let problem = if v.is_empty() {
+        Some("must not be empty")
+    } else if v.contains(['/', '+', '#']) {
+        Some("must not contain /, + or # (it is one level of a topic)")
+    } else if v.contains(|c: char| c.is_control()) {
+        Some("must not contain control characters")
+    } else if v.starts_with('$') {
+        Some("must not start with $ (reserved for broker topics)")
+    } else {
+        None
+    };
+    if let Some(problem) = problem {
+        diags.push(Diagnostic::at(value.span(), format!("{what} {problem}: `{v}`")));
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && !h.contains(['/', '+', '#']))
+        .unwrap_or_else(|| "fieldmq".to_owned())
+}
+
+/// systemd's StateDirectory, then `$XDG_STATE_HOME/fieldmq`, then `./fieldmq-data`.
+fn default_data_dir() -> PathBuf {
+    let env_dir = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(state) = env_dir("STATE_DIRECTORY") {
+        return state;
+    }
+    if let Some(xdg) = env_dir("XDG_STATE_HOME") {
+        return xdg.join("fieldmq");
+    }
+    PathBuf::from("fieldmq-data")
+}
+
+/// A relative path in a config file is relative to that file's folder, so
+/// the config means the same whatever directory the gateway starts in.
+fn relative_to_config(path: &Path, source: &ConfigSource) -> PathBuf {
+    match source {
+        ConfigSource::File(file) if path.is_relative() => file.parent().unwrap_or(Path::new(".")).join(path),
+        _ => path.to_path_buf(),
+    }
+}

@@ -1,0 +1,80 @@
+//! `fieldmq`: the gateway binary, and the only crate that knows both sides.
+//!
+//! It reads the config, builds adapters (from `adapters`) for the devices,
+//! maps their readings to MQTT messages, and hands those to the engine
+//! (`mqtt-engine`). The two libraries never see each other; this crate is
+//! the glue, and owns the CLI, signals, systemd notification and shutdown.
+//!
+//! # Layout
+//!
+//! - `main.rs`: the CLI.
+//! - `config/`: finding, parsing and checking the TOML config.
+//! - `devices.rs`: which adapter serves which device `kind`.
+//! - `mapping/`: readings to messages: topic templates, payloads, on-change.
+//! - `runtime.rs`: the pipeline, devices -> mapping -> broker.
+//! - `run.rs`: the service life cycle: start, reload, stop.
+//! - `commands.rs`: `check` and `test`.
+//! - `plan.rs`: the config described in words.
+//! - `signals.rs`, `systemd.rs`, `logging.rs`: the process's surroundings.
+
+mod commands;
+mod config;
+mod devices;
+mod logging;
+mod mapping;
+mod plan;
+mod run;
+mod runtime;
+mod signals;
+mod systemd;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// IoT edge gateway: field devices to MQTT, with a local broker and
+/// store-and-forward to the cloud.
+#[derive(Parser)]
+#[command(name = "fieldmq", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (the default).
+    Run(ConfigArg),
+    /// Validate a config and print what it would do; exit 0, or 2 with errors.
+    Check(ConfigArg),
+    /// Poll every device once and print the messages, publishing nothing;
+    /// exit 0, or 1 if a device failed.
+    Test(ConfigArg),
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    /// The config file [default: $FIELDMQ_CONFIG, then /etc/fieldmq/fieldmq.toml,
+    /// then the embedded default].
+    #[arg(long, short, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Run(ConfigArg { config: None })) {
+        Command::Run(ConfigArg { config: path }) => match commands::load_or_report(path.as_deref()) {
+            Ok(config) => {
+                logging::init(config.log.as_deref());
+                run::main(path, config)
+            }
+            Err(code) => code,
+        },
+        Command::Check(ConfigArg { config }) => commands::check(config.as_deref()),
+        Command::Test(ConfigArg { config }) => {
+            logging::init(Some("warn"));
+            commands::test(config.as_deref())
+        }
+    }
+}

@@ -1,0 +1,65 @@
+//! What a config makes the gateway do, in words: printed by `fieldmq check`
+//! and logged at start-up, so a person can confirm it before trusting it.
+
+use crate::config::{Config, DeviceConfig, DeviceSettings, Format, PublishMode, PublishPolicy};
+use crate::mapping::TopicValues;
+
+/// One line per fact: gateway, broker, each device.
+pub fn describe(config: &Config) -> Vec<String> {
+    let mut lines = vec![
+        format!("config: {}", config.source),
+        format!("gateway: id {}, data in {}", config.gateway_id, config.data_dir.display()),
+    ];
+    let b = &config.broker;
+    if b.listen.is_empty() {
+        lines.push("broker: no listener ([broker] listen = [])".into());
+    } else {
+        let listen: Vec<String> = b.listen.iter().map(|a| a.to_string()).collect();
+        lines.push(format!(
+            "broker: listen {}, {} clients at most, packets up to {}, anonymous {}",
+            listen.join(", "),
+            b.max_connections,
+            crate::config::units::ByteSize(b.max_packet_size),
+            if b.allow_anonymous { "allowed" } else { "refused" },
+        ));
+    }
+    lines.push("upstreams: none".into());
+    if config.devices.is_empty() {
+        lines.push("devices: none".into());
+    }
+    lines.extend(config.devices.iter().map(|d| describe_device(d, &config.gateway_id)));
+    lines
+}
+
+fn describe_device(d: &DeviceConfig, gateway: &str) -> String {
+    let values = TopicValues { gateway, node: &d.name, kind: d.kind.as_str(), attribute: None };
+    let topic = match d.format {
+        Format::Json => d.topic.render(values),
+        Format::Value => d.topic.render(TopicValues { attribute: Some("<attribute>"), ..values }),
+    };
+    let topic = format!("{topic} ({})", d.format.as_str());
+    let publish = match &d.publish {
+        PublishPolicy::Always => format!("publish {}", PublishMode::Always.as_str()),
+        PublishPolicy::OnChange { heartbeat, deadbands } => {
+            let mode = PublishMode::OnChange.as_str();
+            let mut s = format!("publish {mode}, heartbeat {}", humantime::format_duration(*heartbeat));
+            for (name, deadband) in deadbands {
+                s.push_str(&format!(", {name} deadband {deadband}"));
+            }
+            s
+        }
+    };
+    let extra = match &d.settings {
+        DeviceSettings::System { disks } if !disks.is_empty() => {
+            let disks: Vec<String> = disks.iter().map(|(l, p)| format!("{l}={}", p.display())).collect();
+            format!(", disks {}", disks.join(" "))
+        }
+        DeviceSettings::System { .. } => String::new(),
+    };
+    format!(
+        "device {} ({}): poll every {} -> {topic}, {publish}{extra}",
+        d.name,
+        d.kind.as_str(),
+        humantime::format_duration(d.poll)
+    )
+}
