@@ -66,7 +66,7 @@ async fn run_adapters(
                 let messages = mapper.map(source, &reading);
                 tracing::debug!(node = %reading.node, messages = messages.len(), "reading {}", Summary(&reading));
                 for message in messages {
-                    broker.publish(message);
+                    publish(broker, message);
                 }
             }
             SourceEvent::Status { node, status } => {
@@ -74,7 +74,7 @@ async fn run_adapters(
                     tracing::debug!(node = %node, %reason, "node status error");
                 }
                 if let Some(message) = mapper.node_status(source, &node, &status) {
-                    broker.publish(message);
+                    publish(broker, message);
                 }
                 nodes.insert(node);
             }
@@ -83,9 +83,14 @@ async fn run_adapters(
     tasks.wait().await;
     for node in &nodes {
         if let Some(message) = mapper.node_offline(node) {
-            broker.publish(message);
+            publish(broker, message);
         }
     }
+}
+
+fn publish(broker: &LocalBroker, message: mqtt_engine::Message) {
+    tracing::trace!(topic = %message.topic, bytes = message.payload.len(), retain = message.retain, "publish");
+    broker.publish(message);
 }
 
 /// `load_1m=0.12 mem_used=812.3MiB ...`: a reading on one log line.

@@ -56,7 +56,7 @@ pub fn resolve(file: ConfigFile, source: &ConfigSource, diags: &mut Vec<Diagnost
                 ),
             ));
         }
-        if let Some(device) = resolve_device(section, diags) {
+        if let Some(device) = resolve_device(section, source, diags) {
             devices.push(device);
         }
     }
@@ -111,7 +111,11 @@ fn resolve_broker(file: &ConfigFile, diags: &mut Vec<Diagnostic>) -> BrokerConfi
     }
 }
 
-fn resolve_device(d: &DeviceSection, diags: &mut Vec<Diagnostic>) -> Option<DeviceConfig> {
+fn resolve_device(
+    d: &DeviceSection,
+    source: &ConfigSource,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<DeviceConfig> {
     let errors_before = diags.len();
     check_topic_level(&d.name, "a device name", diags);
     let kind = *d.kind.get_ref();
@@ -127,7 +131,11 @@ fn resolve_device(d: &DeviceSection, diags: &mut Vec<Diagnostic>) -> Option<Devi
                         ));
                     }
                 }
-                disks.get_ref().iter().map(|(label, path)| (label.clone(), path.clone())).collect()
+                disks
+                    .get_ref()
+                    .iter()
+                    .map(|(label, path)| (label.clone(), relative_to_config(path, source)))
+                    .collect()
             });
             DeviceSettings::System { disks }
         }
@@ -288,7 +296,8 @@ fn hostname() -> String {
         .unwrap_or_else(|| "fieldmq".to_owned())
 }
 
-/// systemd's StateDirectory, then `$XDG_STATE_HOME/fieldmq`, then `./fieldmq-data`.
+/// systemd's StateDirectory, then `$XDG_STATE_HOME/fieldmq`, then
+/// `./fieldmq-data` (made absolute, so the logs say where it really is).
 fn default_data_dir() -> PathBuf {
     let env_dir = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(state) = env_dir("STATE_DIRECTORY") {
@@ -297,7 +306,8 @@ fn default_data_dir() -> PathBuf {
     if let Some(xdg) = env_dir("XDG_STATE_HOME") {
         return xdg.join("fieldmq");
     }
-    PathBuf::from("fieldmq-data")
+    let cwd = std::env::current_dir().unwrap_or_default();
+    cwd.join("fieldmq-data")
 }
 
 /// A relative path in a config file is relative to that file's folder, so

@@ -1,0 +1,106 @@
+"""`fieldmq run`: the gateway as a service. What a person sees in the log,
+how it fails and recovers per device, and how it stops and reloads."""
+
+import signal
+import socket
+import time
+
+import pytest
+
+TWO_DEVICES = """
+[gateway]
+id = "gw"
+data_dir = "state"
+
+[[device]]
+name = "host"
+kind = "system"
+poll = "200ms"
+
+[[device]]
+name = "usb"
+kind = "system"
+poll = "200ms"
+disks = {{ usb = "{usb}" }}
+"""
+
+
+def test_default_config_runs_logs_a_summary_and_stops_on_sigterm_within_2s(gateway, tmp_path):
+    gw = gateway(None, XDG_STATE_HOME=tmp_path / "xdg")
+    gw.wait_for(r"INFO fieldmq \d+\.\d+\.\d+ starting")
+    gw.wait_for(r"INFO config: <embedded default>")
+    gw.wait_for(rf"INFO gateway: id {socket.gethostname()}, data in {tmp_path}/xdg/fieldmq")
+    gw.wait_for(r"INFO device system \(system\): poll every 5s -> fieldmq/.+/system \(json\)")
+    gw.wait_for(r"INFO gateway running devices=1")
+    assert (tmp_path / "xdg" / "fieldmq").is_dir(), "the data directory is created"
+    # At the default info level, readings are not logged.
+    assert gw.count(r"DEBUG") == 0
+    code, elapsed = gw.stop(signal.SIGTERM)
+    assert code == 0, gw.log()
+    assert elapsed < 2.0
+    assert "SIGTERM received, stopping" in gw.log()
+    assert gw.log().splitlines()[-1].endswith("INFO stopped")
+
+
+def test_debug_logs_a_line_per_reading(gateway, write_config, tmp_path):
+    (tmp_path / "usb").mkdir()
+    gw = gateway(write_config(TWO_DEVICES.format(usb="usb")), RUST_LOG="debug")
+    for _ in range(3):
+        gw.wait_for(r"DEBUG reading load_1m=[\d.]+ load_5m=[\d.]+ .*mem_used=[\d.]+MiB .*node=host messages=1")
+    line = gw.wait_for(r"DEBUG reading .*disk_free_usb=[\d.]+MiB .* node=usb messages=1")
+    assert "uptime=" in line.string and "process_rss=" in line.string
+    code, elapsed = gw.stop(signal.SIGINT)
+    assert code == 0 and elapsed < 2.0
+    assert "SIGINT received, stopping" in gw.log()
+
+
+def test_a_failing_device_is_marked_in_error_the_others_go_on_and_it_recovers(gateway, write_config, tmp_path):
+    gw = gateway(write_config(TWO_DEVICES.format(usb="usb")), RUST_LOG="debug")
+    gw.wait_for(rf"WARN device failed node=usb reason=disk usb \({tmp_path}/usb\): No such file or directory")
+    # host keeps its rhythm while usb fails on every poll, and the failure
+    # is logged once, not once per poll.
+    start = len(gw.lines)
+    for _ in range(5):
+        gw.wait_for(r"DEBUG reading .* node=host", after=len(gw.lines))
+    assert gw.count(r"WARN device failed node=usb") == 1
+    assert gw.count(r"node=usb messages") == 0
+    (tmp_path / "usb").mkdir()
+    mark = len(gw.lines)
+    gw.wait_for(r"INFO device answers again node=usb", after=mark)
+    gw.wait_for(r"DEBUG reading .* node=usb messages=1", after=mark)
+    assert start < len(gw.lines)
+    code, _ = gw.stop()
+    assert code == 0
+
+
+def test_a_bad_config_is_refused_before_starting(gateway, write_config):
+    gw = gateway(write_config('[gateway]\nid = 7\n'))
+    code = gw.proc.wait(timeout=10)
+    gw._reader.join(timeout=2)
+    assert code == 2
+    assert "fieldmq.toml:2:6: invalid type: integer `7`, expected a string" in gw.log()
+
+
+def test_sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid(gateway, write_config, tmp_path):
+    path = write_config('[gateway]\nid = "gw"\ndata_dir = "state"\n[[device]]\nname = "one"\nkind = "system"\npoll = "200ms"\n')
+    gw = gateway(path, RUST_LOG="debug")
+    gw.wait_for(r"DEBUG reading .* node=one")
+
+    path.write_text(path.read_text() + 'poll_rate = "1s"\n')
+    mark = len(gw.lines)
+    gw.send(signal.SIGHUP)
+    gw.wait_for(r"ERROR .*fieldmq.toml:8:1: unknown field `poll_rate`", after=mark)
+    gw.wait_for(r"ERROR SIGHUP: the new config was refused; the running one stays", after=mark)
+    mark = len(gw.lines)
+    gw.wait_for(r"DEBUG reading .* node=one", after=mark)
+
+    path.write_text(path.read_text().replace('poll_rate = "1s"\n', '[[device]]\nname = "two"\nkind = "system"\npoll = "200ms"\n'))
+    mark = len(gw.lines)
+    gw.send(signal.SIGHUP)
+    gw.wait_for(r"INFO SIGHUP: config reloaded", after=mark)
+    gw.wait_for(r"INFO device two \(system\): poll every 200ms", after=mark)
+    gw.wait_for(r"DEBUG reading .* node=two", after=mark)
+    gw.wait_for(r"DEBUG reading .* node=one", after=mark)
+    assert gw.proc.poll() is None
+    code, elapsed = gw.stop()
+    assert code == 0 and elapsed < 2.0
