@@ -27,7 +27,8 @@ def fieldmq_bin() -> str:
 
 
 def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("FIELDMQ_CONFIG", "RUST_LOG", "NOTIFY_SOCKET")}
+    ours = ("FIELDMQ_CONFIG", "RUST_LOG", "NOTIFY_SOCKET", "STATE_DIRECTORY", "XDG_STATE_HOME", "JOURNAL_STREAM")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -45,8 +45,12 @@ def test_default_config_runs_logs_a_summary_and_stops_on_sigterm_within_2s(gatew
 def test_debug_logs_a_line_per_reading(gateway, write_config, tmp_path):
     (tmp_path / "usb").mkdir()
     gw = gateway(write_config(TWO_DEVICES.format(usb="usb")), RUST_LOG="debug")
+    # One line per reading: three readings, three lines (cpu_temp leads
+    # where the host has a thermal zone, as a Raspberry Pi does).
+    mark = 0
     for _ in range(3):
-        gw.wait_for(r"DEBUG reading load_1m=[\d.]+ load_5m=[\d.]+ .*mem_used=[\d.]+MiB .*node=host messages=1")
+        gw.wait_for(r"DEBUG reading (cpu_temp=[\d.]+°C )?load_1m=[\d.]+ load_5m=[\d.]+ .*mem_used=[\d.]+MiB .*node=host messages=1", after=mark)
+        mark = len(gw.lines)
     line = gw.wait_for(r"DEBUG reading .*disk_free_usb=[\d.]+MiB .* node=usb messages=1")
     assert "uptime=" in line.string and "process_rss=" in line.string
     code, elapsed = gw.stop(signal.SIGINT)
@@ -104,3 +108,35 @@ def test_sighup_applies_a_valid_config_and_keeps_the_old_one_when_invalid(gatewa
     assert gw.proc.poll() is None
     code, elapsed = gw.stop()
     assert code == 0 and elapsed < 2.0
+
+
+def test_the_default_config_runs_unprivileged_where_nothing_is_writable(fieldmq_bin, tmp_path):
+    """As `nobody` in `/` with no usable home, the data goes to the temp dir."""
+    import os
+    import subprocess
+
+    from conftest import clean_env
+
+    env = clean_env(HOME="/nonexistent", RUST_LOG="info")
+    if os.geteuid() == 0:
+        cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", fieldmq_bin, "run"]
+        cwd = "/"
+    else:  # as an ordinary user, in a folder it may not write to
+        cmd, cwd = [fieldmq_bin, "run"], tmp_path / "read-only"
+        cwd.mkdir()
+        cwd.chmod(0o555)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line)
+            if "gateway running" in line:
+                break
+        log = "".join(lines)
+        assert "gateway running" in log, log
+        uid = int(subprocess.check_output(["id", "-u", "nobody"])) if os.geteuid() == 0 else os.geteuid()
+        assert f"data in /tmp/fieldmq-{uid}" in log, log
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=5) == 0
+    finally:
+        proc.kill()

@@ -34,5 +34,5 @@ pub mod system;
 pub use device::{
     BoxFuture, DeviceError, NodeStatus, Output, PolledDevice, PushDevice, SourceEvent, SourceId,
 };
-pub use poll::{poll_once, run_polled};
+pub use poll::{poll_once, run_polled, Schedule};
 pub use reading::{Attribute, Reading, Value};

@@ -1,30 +1,47 @@
 //! The poll schedule of a [`PolledDevice`].
 //!
 //! Each device polls on its own period in its own task, so a slow device
-//! never delays another. Ticks fall on the grid `start + k * period`; a poll
-//! that overruns (a stalled device, a suspended machine) makes the schedule
-//! skip the ticks it missed instead of firing them all at once afterwards:
-//! after a stall of any length there is exactly one catch-up poll, then the
-//! grid resumes. Status events are sent only when the node's health changes.
+//! never delays another. A poll that overruns (a stalled device, a
+//! suspended machine) is followed by one poll at once and then the period
+//! again, counted from that poll: the ticks it missed are dropped, never
+//! fired in a burst, and no two polls are ever closer than one period.
+//!
+//! A poll that does not return within its limit, or that panics, marks the
+//! node `error: <reason>` like any failed poll; the next tick polls again.
+//! Status events are sent only when the node's health changes.
 
+use std::any::Any;
+use std::future::Future;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::{interval, timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::{DeviceError, NodeStatus, Output, PolledDevice, Reading, SourceEvent};
+use crate::{BoxFuture, DeviceError, NodeStatus, Output, PolledDevice, Reading, SourceEvent};
 
-/// Polls `device` every `period` until `shutdown`, sending its readings and
+/// When a polled device is asked, and how long it may take to answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    /// The poll period.
+    pub period: Duration,
+    /// How long one poll may take before the node is in error.
+    pub limit: Duration,
+}
+
+/// Polls `device` on `schedule` until `shutdown`, sending its readings and
 /// its node's status changes (`node` is the device's own node) to `output`.
 pub async fn run_polled(
     mut device: Box<dyn PolledDevice>,
     node: String,
-    period: Duration,
+    schedule: Schedule,
     output: Output,
     shutdown: CancellationToken,
 ) {
-    let mut ticker = interval(period);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let mut ticker = interval(schedule.period);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_status: Option<NodeStatus> = None;
     loop {
         tokio::select! {
@@ -33,7 +50,7 @@ pub async fn run_polled(
         }
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            result = device.poll() => result,
+            result = poll_once(device.as_mut(), schedule.limit) => result,
         };
         let (status, readings) = match result {
             Ok(readings) => (NodeStatus::Online, readings),
@@ -63,13 +80,39 @@ pub async fn run_polled(
     }
 }
 
-/// Polls `device` once, giving up after `limit`: the commissioning path of
-/// `fieldmq test`.
+/// Polls `device` once, giving up after `limit`; a panic in the adapter is
+/// an error of this poll, not of the gateway.
 pub async fn poll_once(device: &mut dyn PolledDevice, limit: Duration) -> Result<Vec<Reading>, DeviceError> {
-    match timeout(limit, device.poll()).await {
-        Ok(result) => result,
+    match timeout(limit, CatchUnwind(device.poll())).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(panic)) => Err(DeviceError::new(format!("the adapter failed: {}", panic_message(&*panic)))),
         Err(_) => Err(DeviceError::new(format!("no answer within {}", humantime_secs(limit)))),
     }
+}
+
+/// A future that turns a panic while it is polled into an error value.
+struct CatchUnwind<'a, T>(BoxFuture<'a, T>);
+
+impl<T> Future for CatchUnwind<'_, T> {
+    type Output = Result<T, Box<dyn Any + Send>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // After a panic the inner future is never polled again (the caller
+        // drops it), so state it left half-updated is never observed.
+        match catch_unwind(AssertUnwindSafe(|| self.0.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => Poll::Pending,
+            Ok(Poll::Ready(value)) => Poll::Ready(Ok(value)),
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panic")
 }
 
 fn humantime_secs(d: Duration) -> String {
@@ -111,15 +154,17 @@ mod tests {
 
     type Spawned = (Arc<Mutex<Vec<Instant>>>, mpsc::Receiver<(SourceId, SourceEvent)>, CancellationToken);
 
-    fn spawn(script: Vec<(Duration, Result<(), &'static str>)>) -> Spawned {
+    /// Runs a scripted device every second, each poll limited to `limit`.
+    fn spawn(script: Vec<(Duration, Result<(), &'static str>)>, limit: Duration) -> Spawned {
         let polls = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
         let device = Box::new(ScriptedDevice { polls: polls.clone(), script });
+        let schedule = Schedule { period: Duration::from_secs(1), limit };
         tokio::spawn(run_polled(
             device,
             "n".into(),
-            Duration::from_secs(1),
+            schedule,
             Output::new(SourceId(0), tx),
             shutdown.clone(),
         ));
@@ -127,18 +172,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stalled_poll_is_followed_by_one_catch_up_not_a_burst() {
+    async fn a_stalled_poll_is_followed_by_one_poll_then_the_period_not_a_burst() {
         let start = Instant::now();
         // The second poll hangs for 3.5 periods.
         let script = vec![(Duration::ZERO, Ok(())), (Duration::from_millis(3500), Ok(()))];
-        let (polls, _rx, shutdown) = spawn(script);
+        let (polls, _rx, shutdown) = spawn(script, Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(8200)).await;
         shutdown.cancel();
         let offsets: Vec<u128> = polls.lock().unwrap().iter().map(|t| (*t - start).as_millis()).collect();
-        // 0 and 1 on the grid; 1 stalls until 4.5; one catch-up poll at 4.5,
-        // then back on the grid at 5, 6, 7, 8: never two polls closer than
-        // the stall allows, never the missed 2, 3, 4 fired late.
-        assert_eq!(offsets, vec![0, 1000, 4500, 5000, 6000, 7000, 8000]);
+        // The poll at 1 stalls until 4.5; the missed 2, 3 and 4 are dropped,
+        // not fired late; one poll at 4.5, then one period apart again.
+        assert_eq!(offsets, vec![0, 1000, 4500, 5500, 6500, 7500]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -149,7 +193,7 @@ mod tests {
             (Duration::ZERO, Err("timed out")),
             (Duration::ZERO, Ok(())),
         ];
-        let (_polls, mut rx, shutdown) = spawn(script);
+        let (_polls, mut rx, shutdown) = spawn(script, Duration::from_secs(10));
         tokio::time::sleep(Duration::from_millis(4500)).await;
         shutdown.cancel();
         let mut events = Vec::new();
@@ -161,6 +205,34 @@ mod tests {
             });
         }
         assert_eq!(events, ["online", "reading", "error: timed out", "online", "reading", "reading"]);
+    }
+
+    struct PanickingDevice;
+
+    impl PolledDevice for PanickingDevice {
+        fn poll(&mut self) -> BoxFuture<'_, Result<Vec<Reading>, DeviceError>> {
+            Box::pin(async { panic!("register map index out of range") })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_panicking_adapter_fails_its_poll_not_the_gateway() {
+        let err = poll_once(&mut PanickingDevice, Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!(err.reason(), "the adapter failed: register map index out of range");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_poll_marks_the_node_in_error_and_polling_goes_on() {
+        let script = vec![(Duration::from_secs(3600), Ok(())), (Duration::ZERO, Ok(()))];
+        let (_polls, mut rx, shutdown) = spawn(script, Duration::from_secs(2));
+        let mut statuses = Vec::new();
+        while statuses.len() < 2 {
+            if let Some((_, SourceEvent::Status { status, .. })) = rx.recv().await {
+                statuses.push(status);
+            }
+        }
+        shutdown.cancel();
+        assert_eq!(statuses, [NodeStatus::Error("no answer within 2s".into()), NodeStatus::Online]);
     }
 
     #[tokio::test(start_paused = true)]

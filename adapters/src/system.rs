@@ -2,8 +2,10 @@
 //!
 //! It is the device of the embedded default config, so it must work on any
 //! Linux machine with no hardware and no privileges. Everything comes from
-//! procfs, sysfs and statvfs, which answer from kernel memory and do not
-//! block on I/O, so a poll runs inline on the runtime.
+//! procfs, sysfs and statvfs. procfs and sysfs answer from kernel memory,
+//! but statvfs on a dead NFS or USB mount can block for good, so a poll runs
+//! on the blocking pool, and a probe still stuck from an earlier poll is
+//! reported rather than joined by another one.
 //!
 //! Attributes, each left out when the host does not provide it:
 //!
@@ -18,6 +20,8 @@
 //! | `process_rss` | MiB | the gateway's own resident memory, /proc/self/status |
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::device::BoxFuture;
@@ -51,16 +55,21 @@ pub struct SystemConfig {
 }
 
 /// Polls the host.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct SystemPoller {
-    config: SystemConfig,
+    config: Arc<SystemConfig>,
     thermal_zone: Option<PathBuf>,
+    probing: Arc<AtomicBool>,
 }
 
 impl SystemPoller {
     /// A poller for this host; finds the CPU's thermal zone once.
     pub fn new(config: SystemConfig) -> Self {
-        SystemPoller { config, thermal_zone: find_cpu_thermal_zone(Path::new("/sys/class/thermal")) }
+        SystemPoller {
+            config: Arc::new(config),
+            thermal_zone: find_cpu_thermal_zone(Path::new("/sys/class/thermal")),
+            probing: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Reads every attribute now.
@@ -107,7 +116,25 @@ impl SystemPoller {
 
 impl PolledDevice for SystemPoller {
     fn poll(&mut self) -> BoxFuture<'_, Result<Vec<Reading>, DeviceError>> {
-        Box::pin(async move { self.read().map(|r| vec![r]) })
+        let probe = self.clone();
+        Box::pin(async move {
+            if probe.probing.swap(true, Ordering::AcqRel) {
+                return Err(DeviceError::new(
+                    "the previous probe of the host has not returned (a hung filesystem?)",
+                ));
+            }
+            let busy = probe.probing.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let result = probe.read();
+                busy.store(false, Ordering::Release);
+                result
+            })
+            .await;
+            match result {
+                Ok(reading) => reading.map(|r| vec![r]),
+                Err(e) => Err(DeviceError::new(format!("the host probe failed: {e}"))),
+            }
+        })
     }
 }
 
@@ -235,6 +262,16 @@ mod tests {
         let units: Vec<_> = reading.attributes.iter().map(|a| (a.name.as_str(), a.unit)).collect();
         assert!(units.contains(&("mem_used", Some("MiB"))));
         assert!(reading.attributes.iter().all(|a| ATTRIBUTES.contains(&a.name.as_str())));
+    }
+
+    #[tokio::test]
+    async fn a_poll_reads_on_the_blocking_pool_and_can_run_again() {
+        let mut p = poller(vec![]);
+        for _ in 0..2 {
+            let readings = p.poll().await.expect("the host answers");
+            assert_eq!(readings.len(), 1);
+            assert!(readings[0].attributes.iter().any(|a| a.name == "uptime"));
+        }
     }
 
     #[test]

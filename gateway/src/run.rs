@@ -7,6 +7,7 @@
 //! old one keeps running. SIGTERM/SIGINT: stop the devices, drain what they
 //! read, publish `offline`, exit 0, all within [`STOP_GRACE`].
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -17,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::mapping::Mapper;
+use crate::runtime::{self, SeenNodes};
 use crate::signals::{Request, Signals};
-use crate::{plan, runtime, systemd};
+use crate::{plan, systemd};
 
 /// How long devices get to finish after a stop signal; well inside the 2 s
 /// a service manager or a person at a terminal is promised.
@@ -32,7 +34,12 @@ pub fn main(config_path: Option<PathBuf>, config: Config) -> ExitCode {
         .enable_all()
         .build();
     match runtime {
-        Ok(runtime) => runtime.block_on(serve(config_path, config)),
+        Ok(runtime) => {
+            let code = runtime.block_on(serve(config_path, config));
+            // A probe stuck in a hung filesystem must not hold the exit.
+            runtime.shutdown_timeout(Duration::from_millis(100));
+            code
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
             ExitCode::FAILURE
@@ -60,48 +67,83 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
 
     let broker = LocalBroker::new();
     publish_gateway_status(&broker, &config, true);
-    let mut pipeline = start(&config, &broker);
+    let mut pipeline = Pipeline::start(&config, &broker);
     systemd::notify("READY=1");
-    let watchdog = systemd::watchdog_interval().map(|period| {
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(period);
-            loop {
-                ticker.tick().await;
-                systemd::notify("WATCHDOG=1");
-            }
-        })
-    });
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     tracing::info!(devices = config.devices.len(), "gateway running");
 
     loop {
-        match signals.next().await {
+        let request = tokio::select! {
+            request = signals.next() => request,
+            ended = &mut pipeline.task => {
+                // Only a bug ends the pipeline unasked: exit non-zero so the
+                // service manager restarts the gateway.
+                tracing::error!(?ended, "the device pipeline stopped unexpectedly; exiting");
+                publish_gateway_status(&broker, &config, false);
+                return ExitCode::FAILURE;
+            }
+            _ = tick(&mut watchdog) => {
+                systemd::notify("WATCHDOG=1");
+                continue;
+            }
+        };
+        match request {
             Request::Stop(signal) => {
                 tracing::info!("{signal} received, stopping");
                 systemd::notify("STOPPING=1");
-                pipeline.stop().await;
+                let seen = pipeline.stop().await;
+                runtime::publish_offline(&config, &broker, seen.iter().map(|(_, node)| node));
                 publish_gateway_status(&broker, &config, false);
-                if let Some(watchdog) = watchdog {
-                    watchdog.abort();
-                }
                 tracing::info!("stopped");
                 return ExitCode::SUCCESS;
             }
-            Request::Reload => match Config::load(config_path.as_deref()) {
-                Ok(new) => {
-                    tracing::info!("SIGHUP: config reloaded, restarting the devices");
-                    pipeline.stop().await;
-                    config = new;
-                    log_plan(&config);
-                    pipeline = start(&config, &broker);
-                }
-                Err(errors) => {
-                    for line in errors.to_string().lines() {
-                        tracing::error!("{line}");
+            Request::Reload => {
+                let new = match Config::load(config_path.as_deref()) {
+                    Ok(new) => new,
+                    Err(errors) => {
+                        for line in errors.to_string().lines() {
+                            tracing::error!("{line}");
+                        }
+                        tracing::error!("SIGHUP: the new config was refused; the running one stays");
+                        continue;
                     }
-                    tracing::error!("SIGHUP: the new config was refused; the running one stays");
+                };
+                if let Err(e) = std::fs::create_dir_all(&new.data_dir) {
+                    tracing::error!(dir = %new.data_dir.display(), error = %e, "SIGHUP: the new config was refused: cannot create its data directory; the running one stays");
+                    continue;
                 }
-            },
+                tracing::info!("SIGHUP: config reloaded, restarting the devices");
+                let seen = pipeline.stop().await;
+                retire(&config, &new, &broker, &seen);
+                config = new;
+                log_plan(&config);
+                pipeline = Pipeline::start(&config, &broker);
+            }
         }
+    }
+}
+
+/// What a reload ends: nodes of removed devices go `offline`; nodes that go
+/// on keep their status (no false outage for subscribers). A new gateway id
+/// retires every node and the old gateway status too.
+fn retire(old: &Config, new: &Config, broker: &LocalBroker, seen: &BTreeSet<(String, String)>) {
+    if old.gateway_id != new.gateway_id {
+        runtime::publish_offline(old, broker, seen.iter().map(|(_, node)| node));
+        publish_gateway_status(broker, old, false);
+        publish_gateway_status(broker, new, true);
+        return;
+    }
+    let kept: BTreeSet<&str> = new.devices.iter().map(|d| d.name.as_str()).collect();
+    let removed = seen.iter().filter(|(device, _)| !kept.contains(device.as_str())).map(|(_, node)| node);
+    runtime::publish_offline(old, broker, removed);
+}
+
+async fn tick(watchdog: &mut Option<tokio::time::Interval>) {
+    match watchdog {
+        Some(interval) => {
+            interval.tick().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -109,26 +151,32 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
 struct Pipeline {
     stop: CancellationToken,
     task: JoinHandle<()>,
+    seen: SeenNodes,
 }
 
 impl Pipeline {
-    async fn stop(self) {
+    fn start(config: &Config, broker: &LocalBroker) -> Pipeline {
+        let stop = CancellationToken::new();
+        let seen = SeenNodes::default();
+        let task = {
+            let (config, broker, seen, stop) = (config.clone(), broker.clone(), seen.clone(), stop.clone());
+            tokio::spawn(async move { runtime::run_pipeline(&config, &broker, seen, stop).await })
+        };
+        Pipeline { stop, task, seen }
+    }
+
+    /// Stops the devices, waiting at most [`STOP_GRACE`]; returns the nodes
+    /// the pipeline had reported.
+    async fn stop(self) -> BTreeSet<(String, String)> {
         self.stop.cancel();
         let abort = self.task.abort_handle();
         if tokio::time::timeout(STOP_GRACE, self.task).await.is_err() {
             abort.abort();
             tracing::warn!("devices did not stop within {}ms; going on without them", STOP_GRACE.as_millis());
         }
+        let seen = self.seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        seen.clone()
     }
-}
-
-fn start(config: &Config, broker: &LocalBroker) -> Pipeline {
-    let stop = CancellationToken::new();
-    let task = {
-        let (config, broker, stop) = (config.clone(), broker.clone(), stop.clone());
-        tokio::spawn(async move { runtime::run_pipeline(&config, &broker, stop).await })
-    };
-    Pipeline { stop, task }
 }
 
 fn log_plan(config: &Config) {

@@ -4,13 +4,16 @@
 //! bounded channel; a single mapping task turns them into messages and
 //! hands those to the local broker. Shutdown is a cancellation token: the
 //! devices stop, their senders drop, the mapping task drains what is left
-//! in the channel, publishes every node `offline`, and returns. Nothing read
-//! before the signal is dropped on the way out.
+//! in the channel and returns. Nothing read before the signal is dropped on
+//! the way out. Which nodes went `offline` is for the caller to say: on a
+//! reload most of them go on.
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use adapters::{run_polled, NodeStatus, Output, Reading, SourceEvent, SourceId};
+use adapters::{run_polled, NodeStatus, Output, Reading, Schedule, SourceEvent, SourceId};
 use mqtt_engine::LocalBroker;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -23,10 +26,27 @@ use crate::mapping::Mapper;
 /// Room for a burst from every device while the mapping task is busy.
 const EVENT_QUEUE: usize = 1024;
 
-/// Runs the devices of `config` until `shutdown`, publishing to `broker`.
-pub async fn run_pipeline(config: &Config, broker: &LocalBroker, shutdown: CancellationToken) {
+/// How long one poll may take before its node is in error, when the
+/// adapter has no tighter timeout of its own: the poll period, kept
+/// between 10 s and 60 s.
+fn poll_limit(period: Duration) -> Duration {
+    period.clamp(Duration::from_secs(10), Duration::from_secs(60))
+}
+
+/// The nodes a pipeline has reported, as `(device name, node)`; shared so
+/// that they are known even if the pipeline had to be abandoned.
+pub type SeenNodes = Arc<Mutex<BTreeSet<(String, String)>>>;
+
+/// Runs the devices of `config` until `shutdown`, publishing to `broker`
+/// and recording every node it hears of in `seen`.
+pub async fn run_pipeline(
+    config: &Config,
+    broker: &LocalBroker,
+    seen: SeenNodes,
+    shutdown: CancellationToken,
+) {
     let adapters = config.devices.iter().map(|d| devices::build(d, config)).collect();
-    run_adapters(config, adapters, broker, shutdown).await
+    run_adapters(config, adapters, broker, seen, shutdown).await
 }
 
 /// Runs `adapters`, one per device of `config` in the same order.
@@ -34,6 +54,7 @@ async fn run_adapters(
     config: &Config,
     adapters: Vec<Adapter>,
     broker: &LocalBroker,
+    seen: SeenNodes,
     shutdown: CancellationToken,
 ) {
     let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
@@ -43,7 +64,8 @@ async fn run_adapters(
         let shutdown = shutdown.clone();
         match adapter {
             Adapter::Polled(adapter) => {
-                tasks.spawn(run_polled(adapter, device.name.clone(), device.poll, output, shutdown));
+                let schedule = Schedule { period: device.poll, limit: poll_limit(device.poll) };
+                tasks.spawn(run_polled(adapter, device.name.clone(), schedule, output, shutdown));
             }
             Adapter::Push(adapter) => {
                 let name = device.name.clone();
@@ -59,7 +81,6 @@ async fn run_adapters(
     drop(tx);
 
     let mut mapper = Mapper::new(config);
-    let mut nodes = BTreeSet::new();
     while let Some((source, event)) = rx.recv().await {
         match event {
             SourceEvent::Reading(reading) => {
@@ -75,13 +96,25 @@ async fn run_adapters(
                 }
                 if let Some(message) = mapper.node_status(source, &node, &status) {
                     publish(broker, message);
+                    if let Some(device) = config.devices.get(source.0) {
+                        let mut seen = seen.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                        seen.insert((device.name.clone(), node));
+                    }
                 }
-                nodes.insert(node);
             }
         }
     }
     tasks.wait().await;
-    for node in &nodes {
+}
+
+/// Publishes `offline` for `nodes` under `config`'s gateway id.
+pub fn publish_offline<'a>(
+    config: &Config,
+    broker: &LocalBroker,
+    nodes: impl IntoIterator<Item = &'a String>,
+) {
+    let mapper = Mapper::new(config);
+    for node in nodes {
         if let Some(message) = mapper.node_offline(node) {
             publish(broker, message);
         }
@@ -111,7 +144,6 @@ mod tests {
     use super::*;
     use crate::config::ConfigSource;
     use mqtt_engine::TopicFilter;
-    use std::time::Duration;
 
     fn config(text: &str) -> Config {
         Config::parse(text, ConfigSource::Embedded).expect("valid test config")
@@ -137,7 +169,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn readings_of_every_device_reach_the_broker_and_nodes_go_offline_on_shutdown() {
+    async fn readings_of_every_device_reach_the_broker_and_a_failing_one_recovers() {
         let dir = std::env::temp_dir().join(format!("fieldmq-runtime-{}", std::process::id()));
         let config = config(&format!(
             "[gateway]\nid = \"gw\"\ndata_dir = \"{}\"\n\
@@ -149,9 +181,11 @@ mod tests {
         let broker = LocalBroker::new();
         let mut sub = broker.subscribe(TopicFilter::new("fieldmq/#").unwrap(), 256);
         let shutdown = CancellationToken::new();
+        let nodes_seen = SeenNodes::default();
         let pipeline = {
-            let (config, broker, shutdown) = (config.clone(), broker.clone(), shutdown.clone());
-            tokio::spawn(async move { run_pipeline(&config, &broker, shutdown).await })
+            let (config, broker, seen, shutdown) =
+                (config.clone(), broker.clone(), nodes_seen.clone(), shutdown.clone());
+            tokio::spawn(async move { run_pipeline(&config, &broker, seen, shutdown).await })
         };
 
         // The usb device fails (its disk is missing) while host goes on; then
@@ -166,6 +200,12 @@ mod tests {
 
         shutdown.cancel();
         tokio::time::timeout(Duration::from_secs(2), pipeline).await.unwrap().unwrap();
+        let seen = nodes_seen.lock().unwrap().clone();
+        assert_eq!(
+            seen.iter().map(|(d, n)| (d.as_str(), n.as_str())).collect::<Vec<_>>(),
+            [("host", "host"), ("usb", "usb")]
+        );
+        publish_offline(&config, &broker, seen.iter().map(|(_, node)| node));
         let status = |node: &str| {
             let topic = mqtt_engine::TopicName::new(format!("fieldmq/gw/{node}/status")).unwrap();
             broker.retained(&topic).map(|m| String::from_utf8_lossy(&m.payload).into_owned())
@@ -206,7 +246,10 @@ mod tests {
         let mut sub = broker.subscribe(TopicFilter::new("fieldmq/gw/+/temp").unwrap(), 16);
         let shutdown = CancellationToken::new();
         shutdown.cancel();
-        run_adapters(&config, vec![Adapter::Push(Box::new(Receiver))], &broker, shutdown).await;
+        let seen = SeenNodes::default();
+        run_adapters(&config, vec![Adapter::Push(Box::new(Receiver))], &broker, seen.clone(), shutdown).await;
+        let nodes: Vec<String> = seen.lock().unwrap().iter().map(|(_, node)| node.clone()).collect();
+        assert_eq!(nodes, ["t-1", "t-2"]);
         let got: Vec<_> = std::iter::from_fn(|| sub.try_recv())
             .map(|m| (m.topic.to_string(), String::from_utf8_lossy(&m.payload).into_owned()))
             .collect();

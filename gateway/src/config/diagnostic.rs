@@ -31,6 +31,11 @@ impl Diagnostic {
         Diagnostic { span: None, message: message.into() }
     }
 
+    /// Where it sorts: by position, errors about the whole file last.
+    pub fn position(&self) -> usize {
+        self.span.as_ref().map_or(usize::MAX, |s| s.start)
+    }
+
     /// `file:line:col: message`, then the line with the span underlined.
     pub fn render<'a>(&'a self, source_name: &'a str, text: &'a str) -> impl fmt::Display + 'a {
         Rendered { diagnostic: self, source_name, text }
@@ -53,7 +58,8 @@ impl fmt::Display for Rendered<'_> {
         let line_end = self.text[start..].find('\n').map_or(self.text.len(), |i| start + i);
         let line_no = self.text[..start].matches('\n').count() + 1;
         let col = self.text[line_start..start].chars().count() + 1;
-        let line = self.text[line_start..line_end].trim_end_matches('\r');
+        // A tab is shown as one space, so the caret below lines up with it.
+        let line = self.text[line_start..line_end].trim_end_matches('\r').replace('\t', " ");
         let width = self.text[start..span.end.clamp(start, line_end)].chars().count().max(1);
         let gutter = " ".repeat(line_no.to_string().len());
         writeln!(f, "{}:{line_no}:{col}: {}", self.source_name, self.diagnostic.message)?;
@@ -63,69 +69,153 @@ impl fmt::Display for Rendered<'_> {
     }
 }
 
+/// After this many errors the parse stops: a file this wrong is better
+/// fixed from the top, and each round re-parses the whole file.
+const MAX_ERRORS: usize = 50;
+
+/// What [`parse_all`] found.
+pub struct Parsed {
+    /// The file as far as it could be read (`None` if it never parsed).
+    pub file: Option<ConfigFile>,
+    /// Every error, in file order.
+    pub diagnostics: Vec<Diagnostic>,
+    /// The byte ranges blanked to get past errors.
+    blanked: Vec<Range<usize>>,
+}
+
+impl Parsed {
+    /// Whether an entry was blanked inside the top-level table (`[gateway]`,
+    /// one `[[device]]` with its sub-tables...) that holds `offset`. Checks
+    /// that combine keys must skip such a table: what they would see is not
+    /// what the user wrote, and their complaints would be echoes.
+    pub fn touched(&self, text: &str, offset: usize) -> bool {
+        let headers: Vec<usize> = line_starts(text)
+            .filter(|&l| header_path(&text[l..]).is_some_and(|p| !p.contains('.')))
+            .collect();
+        let start = headers.iter().rev().find(|&&h| h <= offset).copied().unwrap_or(0);
+        let end = headers.iter().find(|&&h| h > offset).copied().unwrap_or(text.len());
+        self.blanked.iter().any(|b| b.start < end && start < b.end)
+    }
+}
+
 /// Parses `text`, collecting every error instead of the first.
-/// Returns the file as far as it could be read, and the errors in file order.
-pub fn parse_all(text: &str) -> (Option<ConfigFile>, Vec<Diagnostic>) {
+pub fn parse_all(text: &str) -> Parsed {
+    let mut parsed = Parsed { file: None, diagnostics: Vec::new(), blanked: Vec::new() };
+    if let Err(error) = toml::from_str::<toml::Table>(text) {
+        // A syntax error: what follows it cannot be read reliably.
+        parsed.diagnostics.push(match error.span() {
+            Some(span) => Diagnostic::at(span, error.message()),
+            None => Diagnostic::whole_file(error.message()),
+        });
+        return parsed;
+    }
     let mut work = text.to_owned();
-    let mut blanked: Vec<Range<usize>> = Vec::new();
-    let mut diagnostics = Vec::new();
-    // Each round blanks at least one line, so this bounds the work.
-    for _ in 0..=text.lines().count() {
+    // The keys blanked so far, to recognise "missing field" echoes.
+    let mut blanked_keys: Vec<(Range<usize>, String)> = Vec::new();
+    // Every round blanks at least one non-blank character, so this ends.
+    loop {
         let error = match toml::from_str::<ConfigFile>(&work) {
-            Ok(file) => return (Some(file), sorted(diagnostics)),
+            Ok(file) => {
+                parsed.file = Some(file);
+                break;
+            }
             Err(error) => error,
         };
-        let Some(span) = error.span() else {
-            diagnostics.push(Diagnostic::whole_file(error.message()));
+        if parsed.diagnostics.len() >= MAX_ERRORS {
+            parsed.diagnostics.push(Diagnostic::whole_file(format!("stopped after {MAX_ERRORS} errors")));
+            break;
+        }
+        let (Some(span), Some(entry)) = (error.span(), error.span().and_then(|s| entry_range(&work, s)))
+        else {
+            parsed.diagnostics.push(match error.span() {
+                Some(span) => Diagnostic::at(span, error.message()),
+                None => Diagnostic::whole_file(error.message()),
+            });
             break;
         };
-        if toml::from_str::<toml::Table>(&work).is_err() {
-            // A syntax error: nothing after it can be trusted.
-            diagnostics.push(Diagnostic::at(span, error.message()));
-            break;
-        }
-        let entry = entry_range(&work, span.clone());
-        let echo = error.message().starts_with("missing field")
-            && blanked.iter().any(|b| entry.start <= b.start && b.end <= entry.end);
+        let echo = missing_field(error.message()).is_some_and(|field| {
+            blanked_keys.iter().any(|(r, key)| entry.start <= r.start && r.end <= entry.end && key == field)
+        });
         if !echo {
-            diagnostics.push(Diagnostic::at(span, error.message()));
+            parsed.diagnostics.push(Diagnostic::at(span, error.message()));
         }
-        if entry.is_empty() || !blank(&mut work, entry.clone()) {
+        if let Some(key) = key_of(&work[entry.clone()]) {
+            blanked_keys.push((entry.clone(), key));
+        }
+        if !blank(&mut work, entry.clone()) {
             break;
         }
-        blanked.push(entry);
+        parsed.blanked.push(entry);
     }
-    (None, sorted(diagnostics))
+    parsed.diagnostics.sort_by_key(Diagnostic::position);
+    parsed
 }
 
-fn sorted(mut diagnostics: Vec<Diagnostic>) -> Vec<Diagnostic> {
-    diagnostics.sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
-    diagnostics
+/// `x` in serde's "missing field `x`".
+fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
 }
 
-/// The text to blank for an error at `span`: a whole table when the error is
-/// about its header (an unknown or incomplete table), else the key = value
+/// The key of a `key = value` entry.
+fn key_of(entry: &str) -> Option<String> {
+    let (key, _) = entry.split_once('=')?;
+    let key = key.trim().trim_matches(|c| c == '"' || c == '\'');
+    (!key.is_empty() && !key.starts_with('[')).then(|| key.to_owned())
+}
+
+fn line_starts(text: &str) -> impl Iterator<Item = usize> + '_ {
+    std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).filter(move |&l| l < text.len())
+}
+
+/// The dotted path of a `[table]` or `[[array.of.tables]]` header line.
+fn header_path(line: &str) -> Option<&str> {
+    let line = line.lines().next()?.trim_start();
+    if !line.starts_with('[') {
+        return None;
+    }
+    let inner = line.trim_start_matches('[');
+    let end = inner.find(']')?;
+    Some(inner[..end].trim())
+}
+
+/// The text to blank for an error at `span`, such that the rest still
+/// parses: a whole table with its sub-tables when the error is about its
+/// header (an unknown or incomplete table), else the whole `key = value`
 /// entry holding the span, across as many lines as its value takes.
-fn entry_range(text: &str, span: Range<usize>) -> Range<usize> {
-    let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
-    let line_ends = text[start..].match_indices('\n').map(|(i, _)| start + i + 1).chain([text.len()]);
-    if text[start..].trim_start().starts_with('[') {
-        let next_header = text[start..]
-            .match_indices('\n')
-            .map(|(i, _)| start + i + 1)
-            .find(|&l| text[l..].trim_start().starts_with('['));
-        return start..next_header.unwrap_or(text.len());
+fn entry_range(text: &str, span: Range<usize>) -> Option<Range<usize>> {
+    let at = span.start.min(text.len());
+    let line = text[..at].rfind('\n').map_or(0, |i| i + 1);
+    let keeps_syntax = |range: Range<usize>| {
+        let mut candidate = text.to_owned();
+        blank(&mut candidate, range) && toml::from_str::<toml::Table>(&candidate).is_ok()
+    };
+    if let Some(path) = header_path(&text[line..]) {
+        let sub_table = format!("{path}.");
+        let end = line_starts(text)
+            .filter(|&l| l > line)
+            .find(|&l| header_path(&text[l..]).is_some_and(|p| !p.starts_with(&sub_table)))
+            .unwrap_or(text.len());
+        return keeps_syntax(line..end).then_some(line..end);
     }
-    // The shortest run of whole lines from `start` that parses on its own is
-    // the entry (a multi-line array parses only once closed).
-    let mut first_line_end = None;
-    for end in line_ends.take(1000) {
-        first_line_end.get_or_insert(end);
-        if end > span.start && toml::from_str::<toml::Table>(&text[start..end]).is_ok() {
-            return start..end;
+    // The entry starts on this line or, inside a multi-line value, on one
+    // above it; it is the shortest run of whole lines that parses alone.
+    let mut starts: Vec<usize> = line_starts(text).filter(|&l| l <= line).collect();
+    starts.reverse();
+    for start in starts.into_iter().take(200) {
+        if header_path(&text[start..]).is_some() {
+            break;
+        }
+        let ends = text[start..].match_indices('\n').map(|(i, _)| start + i + 1).chain([text.len()]);
+        for end in ends.filter(|&e| e > at).take(200) {
+            if toml::from_str::<toml::Table>(&text[start..end]).is_ok() {
+                if keeps_syntax(start..end) {
+                    return Some(start..end);
+                }
+                break;
+            }
         }
     }
-    start..first_line_end.unwrap_or(text.len())
+    None
 }
 
 /// Replaces `range` with spaces, keeping newlines and the byte length (a
@@ -151,20 +241,31 @@ mod tests {
     use super::*;
 
     fn messages(text: &str) -> Vec<String> {
-        parse_all(text).1.into_iter().map(|d| d.render("t.toml", text).to_string()).collect()
+        parse_all(text).diagnostics.into_iter().map(|d| d.render("t.toml", text).to_string()).collect()
+    }
+
+    /// Asserts the errors of `text`, each by the start of its rendering.
+    fn expect_errors(text: &str, starts: &[&str]) {
+        let got = messages(text);
+        assert_eq!(got.len(), starts.len(), "{got:#?}");
+        for (got, start) in got.iter().zip(starts) {
+            assert!(got.starts_with(start), "{got}\ndoes not start with\n{start}");
+        }
     }
 
     #[test]
     fn every_mistake_is_reported_at_once_with_line_and_column() {
         let text = "[gateway]\nid = 5\n\n[[device]]\nname = \"host\"\nkind = \"system\"\npoll = \"soon\"\npoll_ms = 100\n";
-        let got = messages(text);
-        assert_eq!(got.len(), 3, "{got:#?}");
-        assert!(got[0].starts_with("t.toml:2:6: invalid type: integer `5`, expected a string"), "{}", got[0]);
-        assert!(got[1].starts_with(
-            "t.toml:7:8: invalid value: string \"soon\", expected a duration like \"250ms\", \"5s\" or \"2m\""
-        ), "{}", got[1]);
-        assert!(got[2].starts_with("t.toml:8:1: unknown field `poll_ms`, expected one of"), "{}", got[2]);
-        assert!(got[2].ends_with("8 | poll_ms = 100\n  | ^^^^^^^"), "{}", got[2]);
+        expect_errors(
+            text,
+            &[
+                "t.toml:2:6: invalid type: integer `5`, expected a string",
+                "t.toml:7:8: invalid value: string \"soon\", expected a duration like \"250ms\", \"5s\" or \"2m\"",
+                "t.toml:8:1: unknown field `poll_ms`, expected one of",
+            ],
+        );
+        // The offending text is shown, underlined.
+        assert!(messages(text)[2].ends_with("8 | poll_ms = 100\n  | ^^^^^^^"));
     }
 
     #[test]
@@ -183,30 +284,68 @@ mod tests {
     fn a_missing_required_key_points_at_its_table_and_the_rest_is_still_checked() {
         let text =
             "[[device]]\nkind = \"system\"\n\n[[device]]\nname = \"b\"\nkind = \"system\"\nformat = 3\n";
-        let got = messages(text);
-        assert_eq!(got.len(), 2, "{got:#?}");
-        assert!(got[0].starts_with("t.toml:1:1: missing field `name`"));
-        assert!(
-            got[1].starts_with("t.toml:7:10: invalid type: integer `3`, expected one of \"json\", \"value\""),
-            "{}",
-            got[1]
+        expect_errors(
+            text,
+            &[
+                "t.toml:1:1: missing field `name`",
+                "t.toml:7:10: invalid type: integer `3`, expected one of \"json\", \"value\"",
+            ],
         );
     }
 
     #[test]
     fn a_multi_line_value_is_blanked_whole() {
         let text = "[broker]\nlisten = [\n  \"127.0.0.1:1883\",\n]\nlisten_ws = [\n  \"x\",\n]\nmax_connections = \"many\"\n";
-        let got = messages(text);
-        assert_eq!(got.len(), 2, "{got:#?}");
-        assert!(got[0].starts_with("t.toml:5:1: unknown field `listen_ws`"));
-        assert!(got[1].starts_with("t.toml:8:19: invalid type: string \"many\""));
+        expect_errors(
+            text,
+            &["t.toml:5:1: unknown field `listen_ws`", "t.toml:8:19: invalid type: string \"many\""],
+        );
     }
 
     #[test]
     fn a_syntax_error_is_reported_alone() {
-        let got = messages("[gateway\nid = \"x\"\n");
-        assert_eq!(got.len(), 1, "{got:#?}");
-        assert!(got[0].starts_with("t.toml:1:9:"), "{}", got[0]);
+        expect_errors("[gateway\nid = \"x\"\n", &["t.toml:1:9:"]);
+    }
+
+    #[test]
+    fn a_real_missing_field_is_reported_beside_another_error_in_its_table() {
+        expect_errors(
+            "[[device]]\nkind = \"sytem\"\n",
+            &["t.toml:1:1: missing field `name`", "t.toml:2:8: invalid value: string \"sytem\""],
+        );
+    }
+
+    #[test]
+    fn a_table_is_blanked_with_its_sub_tables() {
+        let text = "[[device]]\nkind = \"system\"\n  [[device.attribute]]\n  name = \"load_1m\"\n\n[[device]]\nname = \"b\"\nkind = \"system\"\npoll = 1\n";
+        expect_errors(text, &["t.toml:1:1: missing field `name`", "t.toml:9:8: invalid type: integer `1`"]);
+    }
+
+    #[test]
+    fn a_bad_element_of_a_multi_line_array_blanks_the_whole_entry() {
+        let text = "[broker]\nlisten = [\"a\",\n  5]\nmax_connections = \"x\"\n";
+        expect_errors(
+            text,
+            &["t.toml:3:3: invalid type: integer `5`", "t.toml:4:19: invalid type: string \"x\""],
+        );
+    }
+
+    #[test]
+    fn a_hopeless_file_stops_after_a_bounded_number_of_errors() {
+        let text: String = (0..200).map(|i| format!("key{i} = {i}\n")).collect();
+        let got = messages(&text);
+        assert_eq!(got.len(), MAX_ERRORS + 1);
+        assert_eq!(got[MAX_ERRORS], format!("t.toml: stopped after {MAX_ERRORS} errors"));
+    }
+
+    #[test]
+    fn only_the_table_with_a_blanked_entry_counts_as_touched() {
+        let text = "[gateway]\nid = 1\n[[device]]\nname = \"a\"\nkind = \"system\"\n[[device]]\nname = \"b\"\nkind = \"system\"\npoll = 1\n";
+        let parsed = parse_all(text);
+        let offset_of = |s: &str| text.find(s).unwrap();
+        assert!(parsed.touched(text, offset_of("id = 1")));
+        assert!(!parsed.touched(text, offset_of("\"a\"")));
+        assert!(parsed.touched(text, offset_of("\"b\"")));
     }
 
     #[test]

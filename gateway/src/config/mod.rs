@@ -142,12 +142,15 @@ impl Config {
 
     /// Parses and checks `text`, reporting every error at once.
     pub fn parse(text: &str, source: ConfigSource) -> Result<Config, ConfigErrors> {
-        let (file, mut diagnostics) = diagnostic::parse_all(text);
-        let config = file.and_then(|file| validate::resolve(file, &source, &mut diagnostics));
+        let mut parsed = diagnostic::parse_all(text);
+        let mut diagnostics = std::mem::take(&mut parsed.diagnostics);
+        let file = parsed.file.take();
+        let touched = |offset: usize| parsed.touched(text, offset);
+        let config = file.and_then(|file| validate::resolve(file, &source, &touched, &mut diagnostics));
         match config {
             Some(config) if diagnostics.is_empty() => Ok(config),
             _ => {
-                diagnostics.sort_by_key(|d| d.span.as_ref().map_or(0, |s| s.start));
+                diagnostics.sort_by_key(Diagnostic::position);
                 Err(ConfigErrors { source, text: text.to_owned(), diagnostics })
             }
         }

@@ -161,3 +161,34 @@ fn an_unreadable_file_is_refused_with_its_path() {
          /nonexistent/fieldmq.toml: 1 error found; the config was not applied"
     );
 }
+
+#[test]
+fn one_typo_gives_one_error_not_echoes_from_the_keys_around_it() {
+    let text = "\
+[[device]]
+name = \"a\"
+kind = \"system\"
+publish = \"onchange\"
+heartbeat = \"10m\"
+format = \"values\"
+topic = \"t/{attribute}\"
+  [[device.attribute]]
+  name = \"load_1m\"
+  deadband = 0.5
+";
+    assert_eq!(
+        first_lines(errors(text)),
+        [
+            "/etc/fieldmq/t.toml:4:11: invalid value: string \"onchange\", expected one of \"always\", \"on-change\"",
+            "/etc/fieldmq/t.toml:6:10: invalid value: string \"values\", expected one of \"json\", \"value\"",
+        ]
+    );
+}
+
+#[test]
+fn a_device_may_not_take_the_name_of_the_gateway_status_topic() {
+    assert_eq!(
+        first_lines(errors("[[device]]\nname = \"status\"\nkind = \"system\"\n")),
+        ["/etc/fieldmq/t.toml:2:8: a device name must not be `status`: fieldmq/{gateway}/status is the gateway's own status"]
+    );
+}

@@ -14,14 +14,21 @@ use tracing_subscriber::filter::Targets;
 
 use super::file::{ConfigFile, DeviceKind, DeviceSection, Format, PublishMode};
 use super::{BrokerConfig, Config, ConfigSource, DeviceConfig, DeviceSettings, Diagnostic, PublishPolicy};
-use crate::mapping::{TopicTemplate, DEFAULT_TOPIC};
+use crate::mapping::{topic_level_problem, TopicTemplate, DEFAULT_TOPIC, RESERVED_NODE};
 
 const DEFAULT_POLL: Duration = Duration::from_secs(5);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(300);
 const MIN_POLL: Duration = Duration::from_millis(10);
 const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
 
-pub fn resolve(file: ConfigFile, source: &ConfigSource, diags: &mut Vec<Diagnostic>) -> Option<Config> {
+/// Resolves `file`. `touched(offset)` says whether the table holding that
+/// offset lost an entry to an earlier error: its cross-key checks are skipped.
+pub fn resolve(
+    file: ConfigFile,
+    source: &ConfigSource,
+    touched: &dyn Fn(usize) -> bool,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<Config> {
     let gateway_id = match &file.gateway.id {
         Some(id) => {
             check_topic_level(id, "the gateway id", diags);
@@ -55,6 +62,9 @@ pub fn resolve(file: ConfigFile, source: &ConfigSource, diags: &mut Vec<Diagnost
                     section.name.get_ref()
                 ),
             ));
+        }
+        if touched(section.name.span().start) {
+            continue;
         }
         if let Some(device) = resolve_device(section, source, diags) {
             devices.push(device);
@@ -117,7 +127,7 @@ fn resolve_device(
     diags: &mut Vec<Diagnostic>,
 ) -> Option<DeviceConfig> {
     let errors_before = diags.len();
-    check_topic_level(&d.name, "a device name", diags);
+    check_node_name(&d.name, diags);
     let kind = *d.kind.get_ref();
 
     let settings = match kind {
@@ -272,19 +282,19 @@ pub fn is_log_filter(filter: &str) -> bool {
 /// Gateway ids and device names become single topic levels.
 fn check_topic_level(value: &Spanned<String>, what: &str, diags: &mut Vec<Diagnostic>) {
     let v = value.get_ref();
-    let problem = if v.is_empty() {
-        Some("must not be empty")
-    } else if v.contains(['/', '+', '#']) {
-        Some("must not contain /, + or # (it is one level of a topic)")
-    } else if v.contains(|c: char| c.is_control()) {
-        Some("must not contain control characters")
-    } else if v.starts_with('$') {
-        Some("must not start with $ (reserved for broker topics)")
-    } else {
-        None
-    };
-    if let Some(problem) = problem {
+    if let Some(problem) = topic_level_problem(v) {
         diags.push(Diagnostic::at(value.span(), format!("{what} {problem}: `{v}`")));
+    }
+}
+
+fn check_node_name(value: &Spanned<String>, diags: &mut Vec<Diagnostic>) {
+    if value.get_ref() == RESERVED_NODE {
+        diags.push(Diagnostic::at(
+            value.span(),
+            "a device name must not be `status`: fieldmq/{gateway}/status is the gateway's own status",
+        ));
+    } else {
+        check_topic_level(value, "a device name", diags);
     }
 }
 
@@ -296,18 +306,33 @@ fn hostname() -> String {
         .unwrap_or_else(|| "fieldmq".to_owned())
 }
 
-/// systemd's StateDirectory, then `$XDG_STATE_HOME/fieldmq`, then
-/// `./fieldmq-data` (made absolute, so the logs say where it really is).
+/// Where state goes when the config does not say: systemd's
+/// StateDirectory, else the XDG state dir (`$XDG_STATE_HOME`, by default
+/// `~/.local/state`), else `./fieldmq-data`, else a folder in the temp dir:
+/// the first that this user can create, so the embedded default runs
+/// anywhere without privileges (even as `nobody` in `/`).
 fn default_data_dir() -> PathBuf {
     let env_dir = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(state) = env_dir("STATE_DIRECTORY") {
         return state;
     }
-    if let Some(xdg) = env_dir("XDG_STATE_HOME") {
-        return xdg.join("fieldmq");
-    }
-    let cwd = std::env::current_dir().unwrap_or_default();
-    cwd.join("fieldmq-data")
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let candidates = [
+        env_dir("XDG_STATE_HOME").map(|xdg| xdg.join("fieldmq")),
+        env_dir("HOME").map(|home| home.join(".local/state/fieldmq")),
+        Some(cwd.join("fieldmq-data")),
+    ];
+    let fallback = std::env::temp_dir().join(format!("fieldmq-{}", rustix::process::getuid().as_raw()));
+    candidates.into_iter().flatten().find(|dir| can_create(dir)).unwrap_or(fallback)
+}
+
+/// Whether `dir` exists as a writable folder or could be made in one.
+fn can_create(dir: &Path) -> bool {
+    let existing = dir.ancestors().find(|a| a.exists());
+    existing.is_some_and(|a| {
+        a.is_dir()
+            && rustix::fs::access(a, rustix::fs::Access::WRITE_OK | rustix::fs::Access::EXEC_OK).is_ok()
+    })
 }
 
 /// A relative path in a config file is relative to that file's folder, so

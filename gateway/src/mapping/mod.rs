@@ -11,7 +11,7 @@ mod policy;
 mod template;
 
 pub use policy::ChangeFilter;
-pub use template::{TopicTemplate, TopicValues, DEFAULT_TOPIC};
+pub use template::{topic_level_problem, TopicTemplate, TopicValues, DEFAULT_TOPIC, RESERVED_NODE};
 
 use std::collections::HashMap;
 
@@ -70,6 +70,9 @@ impl Mapper {
             tracing::error!(source = source.0, "reading from an unknown device dropped");
             return Vec::new();
         };
+        if !valid_node(&reading.node) {
+            return Vec::new();
+        }
         let attributes = match device.on_change.as_mut() {
             Some(filter) => filter.select(reading),
             None => reading.attributes.iter().collect(),
@@ -103,6 +106,9 @@ impl Mapper {
     /// (`None` when it did not); a node coming back online is sent whole on
     /// its next reading.
     pub fn node_status(&mut self, source: SourceId, node: &str, status: &NodeStatus) -> Option<Message> {
+        if !valid_node(node) {
+            return None;
+        }
         let previous = self.statuses.insert((source, node.to_owned()), status.clone());
         if previous.as_ref() == Some(status) {
             return None;
@@ -133,6 +139,17 @@ impl Mapper {
     fn status_message(&self, topic: &str, payload: String) -> Option<Message> {
         Some(Message::new(TopicName::new(topic).ok()?, payload).retained())
     }
+}
+
+/// A node name a push device reported must make a topic level of its own
+/// and must not land on the gateway's status topic; a config's device
+/// names are checked the same way when the config is loaded.
+fn valid_node(node: &str) -> bool {
+    let problem = if node == RESERVED_NODE { Some("is reserved") } else { topic_level_problem(node) };
+    if let Some(problem) = problem {
+        tracing::warn!(node, "reading dropped: the node name {problem}");
+    }
+    problem.is_none()
 }
 
 #[cfg(test)]
@@ -223,8 +240,14 @@ mod tests {
     }
 
     #[test]
-    fn a_pushed_node_name_that_makes_an_invalid_topic_is_not_published() {
+    fn a_pushed_node_name_that_is_not_one_topic_level_is_not_published() {
         let mut m = mapper("[[device]]\nname = \"host\"\nkind = \"system\"\n");
-        assert!(m.map(SourceId(0), &reading("bad/+", vec![Attribute::new("x", 1i64, None)])).is_empty());
+        for node in ["bad/+", "meter-1/status", "status", "$SYS", ""] {
+            assert!(
+                m.map(SourceId(0), &reading(node, vec![Attribute::new("x", 1i64, None)])).is_empty(),
+                "{node}"
+            );
+            assert!(m.node_status(SourceId(0), node, &NodeStatus::Online).is_none(), "{node}");
+        }
     }
 }

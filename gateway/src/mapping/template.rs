@@ -9,6 +9,25 @@ use std::fmt;
 /// The template a device gets when its config names none.
 pub const DEFAULT_TOPIC: &str = "fieldmq/{gateway}/{node}";
 
+/// The node name that would publish onto `fieldmq/{gateway}/status`.
+pub const RESERVED_NODE: &str = "status";
+
+/// Why `name` cannot be one level of a topic (a gateway id, a node name),
+/// or `None` when it can.
+pub fn topic_level_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("must not be empty")
+    } else if name.contains(['/', '+', '#']) {
+        Some("must not contain /, + or # (it is one level of a topic)")
+    } else if name.contains(|c: char| c.is_control()) {
+        Some("must not contain control characters")
+    } else if name.starts_with('$') {
+        Some("must not start with $ (reserved for broker topics)")
+    } else {
+        None
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Text(String),
