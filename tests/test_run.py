@@ -1,6 +1,7 @@
 """`fieldmq run`: the gateway as a service. What a person sees in the log,
 how it fails and recovers per device, and how it stops and reloads."""
 
+import re
 import signal
 import socket
 import time
@@ -140,3 +141,81 @@ def test_the_default_config_runs_unprivileged_where_nothing_is_writable(fieldmq_
         assert proc.wait(timeout=5) == 0
     finally:
         proc.kill()
+
+
+ON_CHANGE = """
+[gateway]
+id = "gw"
+data_dir = "state"
+
+[[device]]
+name = "always"
+kind = "system"
+poll = "200ms"
+format = "value"
+
+[[device]]
+name = "quiet"
+kind = "system"
+poll = "200ms"
+format = "value"
+publish = "on-change"
+heartbeat = "1s"
+""" + "".join(
+    f'  [[device.attribute]]\n  name = "{name}"\n  deadband = 1e12\n'
+    for name in ("cpu_temp", "load_1m", "load_5m", "load_15m", "mem_used", "mem_available", "disk_free", "uptime", "process_rss")
+)
+
+
+def published(gw):
+    """(seconds, topic, retain) of every message the gateway published."""
+    from datetime import datetime
+
+    out = []
+    for line in gw.lines:
+        m = re.match(r"(\S+Z)\s+TRACE publish topic=(\S+) bytes=\d+ retain=(true|false)", line)
+        if m:
+            ts = datetime.strptime(m.group(1)[:26], "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+            out.append((ts, m.group(2), m.group(3) == "true"))
+    return out
+
+
+def test_on_change_holds_unchanged_values_until_the_heartbeat(gateway, write_config):
+    gw = gateway(write_config(ON_CHANGE), RUST_LOG="trace")
+    gw.wait_for(r"TRACE publish topic=fieldmq/gw/quiet/uptime")
+    time.sleep(3.3)
+    code, _ = gw.stop()
+    assert code == 0
+    messages = published(gw)
+    by_topic = {}
+    for ts, topic, _ in messages:
+        by_topic.setdefault(topic, []).append(ts)
+
+    always = by_topic["fieldmq/gw/always/load_1m"]
+    quiet = {t: v for t, v in by_topic.items() if t.startswith("fieldmq/gw/quiet/") and not t.endswith("/status")}
+    assert "fieldmq/gw/quiet/load_1m" in quiet and "fieldmq/gw/quiet/uptime" in quiet
+    # Every poll of `always` publishes; `quiet` holds every attribute (no
+    # change beats its deadband) until its 1 s heartbeat is due.
+    assert len(always) >= 12, always
+    for topic, times in quiet.items():
+        assert 2 <= len(times) <= 5, (topic, times)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert all(gap >= 0.85 for gap in gaps), (topic, gaps)
+    # Statuses are retained and sent once, not per poll.
+    statuses = [(t, r) for _, t, r in messages if t.endswith("/status")]
+    assert statuses.count(("fieldmq/gw/quiet/status", True)) == 2  # online, then offline at stop
+    assert statuses[-1] == ("fieldmq/gw/status", True)
+
+
+def test_a_failing_node_status_is_published_on_each_change_only(gateway, write_config, tmp_path):
+    gw = gateway(write_config(TWO_DEVICES.format(usb="usb")), RUST_LOG="trace")
+    gw.wait_for(r"WARN device failed node=usb")
+    for _ in range(3):
+        gw.wait_for(r"TRACE publish topic=fieldmq/gw/host ", after=len(gw.lines))
+    (tmp_path / "usb").mkdir()
+    gw.wait_for(r"TRACE publish topic=fieldmq/gw/usb ")
+    code, _ = gw.stop()
+    assert code == 0
+    usb_statuses = [t for _, t, retain in published(gw) if t == "fieldmq/gw/usb/status" and retain]
+    # error, online, offline: three changes, three messages, whatever the number of polls.
+    assert len(usb_statuses) == 3

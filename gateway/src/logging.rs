@@ -2,7 +2,8 @@
 //!
 //! The level comes from `RUST_LOG` when set, else from `[gateway] log`, else
 //! `info`. Filters use `tracing_subscriber`'s `Targets` syntax
-//! (`info`, `fieldmq=debug,warn`), which needs no regex engine and keeps
+//! (`info`, `adapters=debug,info`; the targets are the crates `fieldmq`,
+//! `adapters` and `mqtt_engine`), which needs no regex engine and keeps
 //! the binary small. Under journald (JOURNAL_STREAM set) timestamps are left
 //! out: the journal adds its own.
 

@@ -187,6 +187,6 @@ fn log_plan(config: &Config) {
 
 fn publish_gateway_status(broker: &LocalBroker, config: &Config, online: bool) {
     if let Some(message) = Mapper::new(config).gateway_status(online) {
-        broker.publish(message);
+        runtime::publish(broker, message);
     }
 }

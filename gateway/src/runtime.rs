@@ -121,7 +121,9 @@ pub fn publish_offline<'a>(
     }
 }
 
-fn publish(broker: &LocalBroker, message: mqtt_engine::Message) {
+/// Hands one message to the broker; every message the gateway makes goes
+/// through here, so `trace` logs each one.
+pub fn publish(broker: &LocalBroker, message: mqtt_engine::Message) {
     tracing::trace!(topic = %message.topic, bytes = message.payload.len(), retain = message.retain, "publish");
     broker.publish(message);
 }
