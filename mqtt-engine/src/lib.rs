@@ -19,6 +19,7 @@
 
 mod local;
 mod message;
+pub mod packet;
 mod topic;
 
 pub use local::{LocalBroker, Subscription};
