@@ -10,17 +10,22 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
-use mqtt_engine::LocalBroker;
+use mqtt_engine::{Broker, BrokerSettings};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::mapping::Mapper;
 use crate::runtime::{self, SeenNodes};
 use crate::signals::{Request, Signals};
 use crate::{plan, systemd};
+use mqtt_engine::server;
 
 /// How long devices get to finish after a stop signal; well inside the 2 s
 /// a service manager or a person at a terminal is promised.
@@ -61,11 +66,24 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
     }
     tracing::info!("fieldmq {} starting", env!("CARGO_PKG_VERSION"));
     log_plan(&config);
-    if !config.broker.listen.is_empty() {
-        tracing::warn!("the MQTT network listener is not part of this version yet: messages are published in-process only");
-    }
 
-    let broker = LocalBroker::new();
+    let broker = Broker::new(broker_settings(&config));
+    let listeners = match bind(&config).await {
+        Ok(listeners) => listeners,
+        Err(message) => {
+            tracing::error!("{message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let servers = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(config.broker.max_connections as usize));
+    for listener in listeners {
+        if let Ok(addr) = listener.local_addr() {
+            tracing::info!(%addr, "MQTT listener ready");
+        }
+        servers.spawn(server::serve(listener, broker.clone(), slots.clone(), broker.shutdown_token()));
+    }
+    servers.close();
     publish_gateway_status(&broker, &config, true);
     let mut pipeline = Pipeline::start(&config, &broker);
     systemd::notify("READY=1");
@@ -94,6 +112,12 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
                 let seen = pipeline.stop().await;
                 runtime::publish_offline(&config, &broker, seen.iter().map(|(_, node)| node));
                 publish_gateway_status(&broker, &config, false);
+                // Clients get what is queued for them (the statuses above),
+                // then DISCONNECT 0x8B.
+                broker.shut_down();
+                if tokio::time::timeout(Duration::from_millis(300), servers.wait()).await.is_err() {
+                    tracing::warn!("some MQTT clients did not take their last messages in time");
+                }
                 tracing::info!("stopped");
                 return ExitCode::SUCCESS;
             }
@@ -126,7 +150,7 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
 /// What a reload ends: nodes of removed devices go `offline`; nodes that go
 /// on keep their status (no false outage for subscribers). A new gateway id
 /// retires every node and the old gateway status too.
-fn retire(old: &Config, new: &Config, broker: &LocalBroker, seen: &BTreeSet<(String, String)>) {
+fn retire(old: &Config, new: &Config, broker: &Broker, seen: &BTreeSet<(String, String)>) {
     if old.gateway_id != new.gateway_id {
         runtime::publish_offline(old, broker, seen.iter().map(|(_, node)| node));
         publish_gateway_status(broker, old, false);
@@ -155,7 +179,7 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn start(config: &Config, broker: &LocalBroker) -> Pipeline {
+    fn start(config: &Config, broker: &Broker) -> Pipeline {
         let stop = CancellationToken::new();
         let seen = SeenNodes::default();
         let task = {
@@ -179,13 +203,33 @@ impl Pipeline {
     }
 }
 
+fn broker_settings(config: &Config) -> BrokerSettings {
+    BrokerSettings {
+        max_packet_size: config.broker.max_packet_size as usize,
+        allow_anonymous: config.broker.allow_anonymous,
+        ..BrokerSettings::default()
+    }
+}
+
+/// Binds every `[broker] listen` address, or says which one failed and why.
+async fn bind(config: &Config) -> Result<Vec<TcpListener>, String> {
+    let mut listeners = Vec::with_capacity(config.broker.listen.len());
+    for addr in &config.broker.listen {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => listeners.push(listener),
+            Err(e) => return Err(format!("cannot listen on {addr}: {e} ([broker] listen)")),
+        }
+    }
+    Ok(listeners)
+}
+
 fn log_plan(config: &Config) {
     for line in plan::describe(config) {
         tracing::info!("{line}");
     }
 }
 
-fn publish_gateway_status(broker: &LocalBroker, config: &Config, online: bool) {
+fn publish_gateway_status(broker: &Broker, config: &Config, online: bool) {
     if let Some(message) = Mapper::new(config).gateway_status(online) {
         runtime::publish(broker, message);
     }

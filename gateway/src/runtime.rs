@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use adapters::{run_polled, NodeStatus, Output, Reading, Schedule, SourceEvent, SourceId};
-use mqtt_engine::LocalBroker;
+use mqtt_engine::Broker;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -39,12 +39,7 @@ pub type SeenNodes = Arc<Mutex<BTreeSet<(String, String)>>>;
 
 /// Runs the devices of `config` until `shutdown`, publishing to `broker`
 /// and recording every node it hears of in `seen`.
-pub async fn run_pipeline(
-    config: &Config,
-    broker: &LocalBroker,
-    seen: SeenNodes,
-    shutdown: CancellationToken,
-) {
+pub async fn run_pipeline(config: &Config, broker: &Broker, seen: SeenNodes, shutdown: CancellationToken) {
     let adapters = config.devices.iter().map(|d| devices::build(d, config)).collect();
     run_adapters(config, adapters, broker, seen, shutdown).await
 }
@@ -53,7 +48,7 @@ pub async fn run_pipeline(
 async fn run_adapters(
     config: &Config,
     adapters: Vec<Adapter>,
-    broker: &LocalBroker,
+    broker: &Broker,
     seen: SeenNodes,
     shutdown: CancellationToken,
 ) {
@@ -108,11 +103,7 @@ async fn run_adapters(
 }
 
 /// Publishes `offline` for `nodes` under `config`'s gateway id.
-pub fn publish_offline<'a>(
-    config: &Config,
-    broker: &LocalBroker,
-    nodes: impl IntoIterator<Item = &'a String>,
-) {
+pub fn publish_offline<'a>(config: &Config, broker: &Broker, nodes: impl IntoIterator<Item = &'a String>) {
     let mapper = Mapper::new(config);
     for node in nodes {
         if let Some(message) = mapper.node_offline(node) {
@@ -123,7 +114,7 @@ pub fn publish_offline<'a>(
 
 /// Hands one message to the broker; every message the gateway makes goes
 /// through here, so `trace` logs each one.
-pub fn publish(broker: &LocalBroker, message: mqtt_engine::Message) {
+pub fn publish(broker: &Broker, message: mqtt_engine::Message) {
     tracing::trace!(topic = %message.topic, bytes = message.payload.len(), retain = message.retain, "publish");
     broker.publish(message);
 }
@@ -180,7 +171,7 @@ mod tests {
             dir.display(),
             dir.join("usb").display()
         ));
-        let broker = LocalBroker::new();
+        let broker = Broker::default();
         let mut sub = broker.subscribe(TopicFilter::new("fieldmq/#").unwrap(), 256);
         let shutdown = CancellationToken::new();
         let nodes_seen = SeenNodes::default();
@@ -244,7 +235,7 @@ mod tests {
         let config = config(
             "[gateway]\nid = \"gw\"\n[[device]]\nname = \"radio\"\nkind = \"system\"\npublish = \"on-change\"\nformat = \"value\"\n",
         );
-        let broker = LocalBroker::new();
+        let broker = Broker::default();
         let mut sub = broker.subscribe(TopicFilter::new("fieldmq/gw/+/temp").unwrap(), 16);
         let shutdown = CancellationToken::new();
         shutdown.cancel();

@@ -1,10 +1,9 @@
 //! The MQTT side of fieldmq: where messages go once the gateway has made them.
 //!
-//! The gateway hands every [`Message`] to the [`LocalBroker`], which fans it
-//! out in-process to the subscribers whose [`TopicFilter`] matches, and keeps
-//! retained messages for subscribers that come later. Readings never make a
-//! TCP hop to reach the broker. The network listener (MQTT 3.1.1 and 5), the
-//! SQLite store-and-forward buffer and the upstream bridge grow here too.
+//! The gateway hands every [`Message`] to the [`Broker`], an MQTT 3.1.1 and
+//! 5.0 broker: readings enter it in-process, with no TCP hop, and LAN
+//! clients reach it over the listeners `server::serve` runs. The SQLite
+//! store-and-forward buffer and the upstream bridge grow here too.
 //!
 //! This crate knows MQTT and nothing of devices: it must never depend on
 //! `adapters`.
@@ -14,14 +13,23 @@
 //! - `message.rs`: [`Message`] and [`QoS`], what flows through the engine.
 //! - `topic.rs`: [`TopicName`] and [`TopicFilter`] validation and matching,
 //!   with the specification's rules (`+`, `#`, `$`-topics).
-//! - `local.rs`: [`LocalBroker`], the in-process fan-out and retained store.
+//! - `packet/`: the MQTT 3.1.1 and 5.0 packet codec.
+//! - `connection.rs`: framing, packets from and to a byte stream.
+//! - `broker/`: sessions, subscriptions, retained messages, routing, and
+//!   the protocol of one client.
+//! - `server.rs`: the accept loop of a TCP listener.
+//! - `local.rs`: [`Subscription`], an in-process subscriber's end.
 #![deny(missing_docs)]
 
+pub mod broker;
+pub mod connection;
 mod local;
 mod message;
 pub mod packet;
+pub mod server;
 mod topic;
 
-pub use local::{LocalBroker, Subscription};
+pub use broker::{Broker, BrokerSettings};
+pub use local::Subscription;
 pub use message::{Message, QoS};
 pub use topic::{TopicError, TopicFilter, TopicName};

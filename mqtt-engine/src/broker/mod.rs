@@ -1,0 +1,346 @@
+//! The local MQTT broker: the engine behind the LAN listener and the
+//! in-process entry point for readings.
+//!
+//! [`Broker`] is a cheap handle shared by the gateway (which publishes
+//! readings and subscribes in-process, no TCP hop) and by every client
+//! connection. Its parts:
+//!
+//! - `router.rs`: sessions, subscriptions, retained messages; routing.
+//! - `subscriptions.rs`: the topic trie.
+//! - `session.rs`: per-client mailbox and session state.
+//! - `client.rs`: one network client's protocol, from CONNECT to close.
+//!
+//! Session life cycle: a connection *claims* its client id's session
+//! (kicking a connection that holds it, MQTT-3.1.4-3), owns it while
+//! connected, and *releases* it when it ends. A released session lives on
+//! for its expiry interval (MQTT 5) or forever (3.1.1 without clean
+//! session), collecting QoS 1/2 messages in its bounded mailbox; its will
+//! is published after the will delay unless the client comes back first.
+
+mod client;
+mod router;
+mod session;
+mod subscriptions;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, OwnedMutexGuard};
+use tokio_util::sync::CancellationToken;
+
+pub use client::serve_client;
+use router::{Router, SessionEntry};
+pub use session::{Delivery, Envelope, Mailbox, SessionState};
+
+use crate::packet::{Properties, ReasonCode, Will};
+use crate::{Message, Subscription, TopicFilter, TopicName};
+
+/// Limits and advertised capabilities of the broker.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// The largest packet accepted (and advertised in MQTT 5), in bytes.
+    pub max_packet_size: usize,
+    /// How many QoS 1/2 messages a client may have in flight to us.
+    pub receive_maximum: u16,
+    /// How many QoS 1/2 messages we keep in flight to a 3.1.1 client.
+    pub max_inflight: u16,
+    /// How many messages wait per client before new ones are dropped.
+    pub max_queued: usize,
+    /// How many topic aliases a client may use towards us.
+    pub topic_alias_maximum: u16,
+    /// How long a new connection may take to send CONNECT.
+    pub connect_timeout: Duration,
+    /// Clients asking for a longer keep alive (or none) get this one
+    /// (MQTT 5 Server Keep Alive); 0: accept what the client asks.
+    pub max_keep_alive: u16,
+    /// Whether clients without a user name may connect.
+    pub allow_anonymous: bool,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        BrokerSettings {
+            max_packet_size: 1 << 20,
+            receive_maximum: 1024,
+            max_inflight: 64,
+            max_queued: 10_000,
+            topic_alias_maximum: 64,
+            connect_timeout: Duration::from_secs(10),
+            max_keep_alive: 0,
+            allow_anonymous: true,
+        }
+    }
+}
+
+/// A handle on the broker; clones share it.
+#[derive(Clone)]
+pub struct Broker {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    router: Mutex<Router>,
+    settings: BrokerSettings,
+    shutdown: CancellationToken,
+}
+
+/// A claimed session, owned by one connection until released.
+pub struct Claim {
+    /// The client id.
+    pub client: Arc<str>,
+    /// The session state, locked for this connection.
+    pub state: OwnedMutexGuard<SessionState>,
+    /// Its mailbox.
+    pub mailbox: Arc<Mailbox>,
+    /// Fires when another connection takes the session over.
+    pub kicked: oneshot::Receiver<ReasonCode>,
+    /// Whether an earlier session was resumed (CONNACK session present).
+    pub session_present: bool,
+    generation: u64,
+}
+
+/// How a connection ended, for its will and its session.
+pub struct Ending {
+    /// The will to publish, unless the client said DISCONNECT 0x00.
+    pub will: Option<Will>,
+    /// Session expiry in seconds (`u32::MAX`: never).
+    pub session_expiry: u32,
+}
+
+impl Default for Broker {
+    fn default() -> Self {
+        Broker::new(BrokerSettings::default())
+    }
+}
+
+impl Broker {
+    /// A broker with these settings.
+    pub fn new(settings: BrokerSettings) -> Self {
+        Broker {
+            shared: Arc::new(Shared {
+                router: Mutex::new(Router::new()),
+                settings,
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Its settings.
+    pub fn settings(&self) -> &BrokerSettings {
+        &self.shared.settings
+    }
+
+    /// Cancelled when the broker stops: connections close.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shared.shutdown.clone()
+    }
+
+    /// Closes every connection (DISCONNECT 0x8B in MQTT 5).
+    pub fn shut_down(&self) {
+        self.shared.shutdown.cancel();
+    }
+
+    fn router(&self) -> MutexGuard<'_, Router> {
+        // Router updates are single map operations between awaits; a panic
+        // elsewhere leaves them whole, so poisoning is ignored.
+        self.shared.router.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes in-process (a reading): routed like a client's publish.
+    pub fn publish(&self, message: Message) {
+        self.route(Envelope {
+            topic: message.topic,
+            payload: message.payload,
+            qos: message.qos,
+            retain: message.retain,
+            properties: Properties::default(),
+            expires_at: None,
+            publisher: None,
+        });
+    }
+
+    /// Routes an envelope; how many clients it was queued for.
+    pub fn route(&self, envelope: Envelope) -> usize {
+        self.router().route(Arc::new(envelope))
+    }
+
+    /// Subscribes in-process with a queue of `capacity` messages; the
+    /// retained messages it matches come first.
+    pub fn subscribe(&self, filter: TopicFilter, capacity: usize) -> Subscription {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.router().subscribe_internal(filter, tx);
+        Subscription::new(rx)
+    }
+
+    /// The retained message on `topic`, if any.
+    pub fn retained(&self, topic: &TopicName) -> Option<Message> {
+        self.router().retained(topic).map(|e| Message {
+            topic: e.topic.clone(),
+            payload: e.payload.clone(),
+            qos: e.qos,
+            retain: true,
+        })
+    }
+
+    /// How many sessions, connected clients, retained messages and subscriptions exist.
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
+        let router = self.router();
+        let online = router.sessions.values().filter(|e| e.mailbox.is_online()).count();
+        let (retained, subscriptions) = router.counts();
+        (router.sessions.len(), online, retained, subscriptions)
+    }
+
+    /// Claims the session of `client`, kicking a connection that holds it.
+    pub async fn claim(&self, client: Arc<str>, clean_start: bool) -> Claim {
+        let (kick_tx, kicked) = oneshot::channel();
+        let (state, mailbox, existed, generation) = {
+            let mut router = self.router();
+            let generation = router.next_generation();
+            let capacity = self.shared.settings.max_queued;
+            let entry = router.sessions.entry(client.clone()).or_insert_with(|| SessionEntry {
+                state: Default::default(),
+                mailbox: Arc::new(Mailbox::new(capacity)),
+                kick: None,
+                generation: 0,
+                taken_over_clean: false,
+            });
+            let existed = entry.generation != 0;
+            if let Some(kick) = entry.kick.take() {
+                let _ = kick.send(ReasonCode::SESSION_TAKEN_OVER);
+            }
+            entry.kick = Some(kick_tx);
+            entry.generation = generation;
+            entry.taken_over_clean = clean_start;
+            (entry.state.clone(), entry.mailbox.clone(), existed, generation)
+        };
+        // Waits for a connection that was kicked to let go of the state.
+        let mut state = state.lock_owned().await;
+        let session_present = existed && !clean_start;
+        if clean_start {
+            // MQTT-3.1.2-4: a clean start discards the previous session.
+            let mut router = self.router();
+            router.remove_subscriptions(&client, &state);
+            *state = SessionState::default();
+            mailbox.clear();
+        }
+        mailbox.set_online(true);
+        Claim { client, state, mailbox, kicked, session_present, generation }
+    }
+
+    /// Releases a session when its connection ends.
+    pub fn release(&self, claim: Claim, ending: Ending) {
+        let Claim { client, state, mailbox, generation, .. } = claim;
+        let mut router = self.router();
+        let still_ours = router.sessions.get(&client).is_some_and(|e| e.generation == generation);
+        if !still_ours {
+            // Taken over: the new connection owns the session now. Our will
+            // goes now unless the session goes on and the will may wait.
+            let clean = router.sessions.get(&client).is_some_and(|e| e.taken_over_clean);
+            drop(router);
+            if let Some(will) = ending.will {
+                if clean || will.properties.will_delay_interval.unwrap_or(0) == 0 {
+                    self.publish_will(&client, will);
+                }
+            }
+            return;
+        }
+        mailbox.set_online(false);
+        if let Some(entry) = router.sessions.get_mut(&client) {
+            entry.kick = None;
+        }
+        if ending.session_expiry == 0 {
+            router.remove_subscriptions(&client, &state);
+            router.sessions.remove(&client);
+            drop(router);
+            drop(state);
+            if let Some(will) = ending.will {
+                self.publish_will(&client, will);
+            }
+            return;
+        }
+        drop(router);
+        drop(state);
+        let expiry = (ending.session_expiry != u32::MAX)
+            .then(|| Duration::from_secs(u64::from(ending.session_expiry)));
+        let will_delay = ending
+            .will
+            .as_ref()
+            .map(|w| Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))));
+        if let (Some(will), Some(delay)) = (ending.will, will_delay) {
+            // MQTT-3.1.3-9: the will goes when its delay passes or the
+            // session ends, whichever is first, unless the client is back.
+            let delay = expiry.map_or(delay, |e| delay.min(e));
+            if delay.is_zero() {
+                self.publish_will(&client, will);
+            } else {
+                let broker = self.clone();
+                let client = client.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    if broker.generation_is(&client, generation) {
+                        broker.publish_will(&client, will);
+                    }
+                });
+            }
+        }
+        if let Some(expiry) = expiry {
+            let broker = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(expiry).await;
+                broker.expire(&client, generation);
+            });
+        }
+    }
+
+    fn generation_is(&self, client: &str, generation: u64) -> bool {
+        self.router().sessions.get(client).is_some_and(|e| e.generation == generation)
+    }
+
+    /// Ends a session whose expiry interval passed while it was away.
+    fn expire(&self, client: &str, generation: u64) {
+        let mut router = self.router();
+        let Some(entry) = router.sessions.get(client) else { return };
+        if entry.generation != generation {
+            return;
+        }
+        // Nobody holds an offline session's state; if somebody just claimed
+        // it, the generation check above already returned.
+        let Ok(state) = entry.state.clone().try_lock_owned() else { return };
+        router.remove_subscriptions(client, &state);
+        router.sessions.remove(client);
+        tracing::debug!(client, "session expired");
+    }
+
+    fn publish_will(&self, client: &str, will: Will) {
+        let Ok(topic) = TopicName::new(will.topic) else { return };
+        tracing::debug!(client, topic = %topic, "publishing will");
+        let expires_at = will
+            .properties
+            .message_expiry_interval
+            .map(|s| tokio::time::Instant::now() + Duration::from_secs(u64::from(s)));
+        let properties = forwarded(will.properties);
+        self.route(Envelope {
+            topic,
+            payload: will.payload,
+            qos: will.qos,
+            retain: will.retain,
+            properties,
+            expires_at,
+            publisher: Some(Arc::from(client)),
+        });
+    }
+}
+
+/// The properties a publish carries on to subscribers (MQTT-3.3.2-*):
+/// payload format, content type, response topic, correlation data and user
+/// properties; not the alias, the expiry (recomputed) or subscription ids.
+pub fn forwarded(p: Properties) -> Properties {
+    Properties {
+        payload_format_indicator: p.payload_format_indicator,
+        content_type: p.content_type,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+        ..Properties::default()
+    }
+}

@@ -1,0 +1,389 @@
+//! The broker's shared state and the routing of one message.
+//!
+//! One lock guards it, held only for in-memory work: matching a topic,
+//! pushing into mailboxes, updating the retained store, and the session
+//! table. A message is delivered once per client at the highest QoS of its
+//! matching subscriptions (MQTT-3.3.5-1), carrying the identifiers of all
+//! of them; each share group gets it once, at a member chosen in turn,
+//! preferring members that are online.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::session::{Delivery, Envelope, Mailbox, SessionState};
+use super::subscriptions::{Subscriber, SubscriptionTree};
+use crate::packet::{ReasonCode, SubscriptionOptions};
+use crate::{Message, QoS, TopicError, TopicFilter, TopicName};
+
+/// A session as the router knows it.
+pub struct SessionEntry {
+    /// The state, locked by the connection that owns the session.
+    pub state: Arc<tokio::sync::Mutex<SessionState>>,
+    /// Where deliveries wait.
+    pub mailbox: Arc<Mailbox>,
+    /// Tells the owning connection to go (a takeover), with the reason.
+    pub kick: Option<oneshot::Sender<ReasonCode>>,
+    /// Changes whenever a connection claims the session, so timers and a
+    /// connection that was taken over know they are stale.
+    pub generation: u64,
+    /// Whether the connection that took the session over started clean.
+    pub taken_over_clean: bool,
+}
+
+/// An in-process subscriber (the gateway's own consumers).
+struct InternalSubscriber {
+    filter: TopicFilter,
+    tx: mpsc::Sender<Message>,
+    dropped: u64,
+}
+
+/// A filter as subscribed: plain, or `$share/{group}/{filter}`.
+pub struct ParsedFilter<'a> {
+    /// The filter proper.
+    pub filter: &'a str,
+    /// The share group.
+    pub group: Option<&'a str>,
+}
+
+/// Splits and checks a subscription's filter.
+pub fn parse_filter(raw: &str) -> Result<ParsedFilter<'_>, TopicError> {
+    let parsed = match raw.strip_prefix("$share/") {
+        Some(rest) => {
+            let (group, filter) = rest.split_once('/').ok_or(TopicError::Empty)?;
+            if group.is_empty() || group.contains(['+', '#']) {
+                return Err(TopicError::MisplacedSingleLevel);
+            }
+            ParsedFilter { filter, group: Some(group) }
+        }
+        None => ParsedFilter { filter: raw, group: None },
+    };
+    TopicFilter::new(parsed.filter)?;
+    Ok(parsed)
+}
+
+/// The routing state.
+pub struct Router {
+    /// Every session, by client id.
+    pub sessions: HashMap<Arc<str>, SessionEntry>,
+    subscriptions: SubscriptionTree,
+    retained: BTreeMap<TopicName, Arc<Envelope>>,
+    internal: Vec<InternalSubscriber>,
+    next_generation: u64,
+    share_cursor: usize,
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new() -> Self {
+        Router {
+            sessions: HashMap::new(),
+            subscriptions: SubscriptionTree::default(),
+            retained: BTreeMap::new(),
+            internal: Vec::new(),
+            next_generation: 1,
+            share_cursor: 0,
+        }
+    }
+
+    /// A fresh generation number for a claim.
+    pub fn next_generation(&mut self) -> u64 {
+        self.next_generation += 1;
+        self.next_generation
+    }
+
+    /// Routes one message; returns how many clients it was queued for.
+    pub fn route(&mut self, envelope: Arc<Envelope>) -> usize {
+        if envelope.retain {
+            // MQTT-3.3.1-10/-11: an empty retained payload clears the topic.
+            if envelope.payload.is_empty() {
+                self.retained.remove(&envelope.topic);
+            } else {
+                self.retained.insert(envelope.topic.clone(), envelope.clone());
+            }
+        }
+        let mut per_client: HashMap<Arc<str>, (QoS, bool, Vec<u32>)> = HashMap::new();
+        let mut groups: HashMap<(usize, Arc<str>), Vec<Subscriber>> = HashMap::new();
+        self.subscriptions.for_each_match(envelope.topic.as_str(), |s, key| {
+            if let Some(group) = &s.group {
+                groups.entry((key, group.clone())).or_default().push(s.clone());
+                return;
+            }
+            // MQTT-3.8.3-3: no-local.
+            if s.options.no_local && envelope.publisher.as_deref() == Some(&*s.client) {
+                return;
+            }
+            let entry = per_client.entry(s.client.clone()).or_insert((QoS::AtMostOnce, false, Vec::new()));
+            entry.0 = entry.0.max(s.options.qos);
+            entry.1 |= s.options.retain_as_published;
+            entry.2.extend(s.id);
+        });
+        let mut delivered = 0;
+        for (client, (qos, retain_as_published, ids)) in per_client {
+            delivered += usize::from(self.deliver(&client, &envelope, qos, retain_as_published, ids));
+        }
+        for members in groups.into_values() {
+            self.share_cursor = self.share_cursor.wrapping_add(1);
+            let start = self.share_cursor % members.len();
+            let online = |s: &Subscriber| self.sessions.get(&s.client).is_some_and(|e| e.mailbox.is_online());
+            let rotated = members.iter().cycle().skip(start).take(members.len());
+            let chosen = rotated.clone().find(|s| online(s)).or_else(|| rotated.clone().next());
+            if let Some(s) = chosen.cloned() {
+                let ids = s.id.into_iter().collect();
+                delivered += usize::from(self.deliver(
+                    &s.client,
+                    &envelope,
+                    s.options.qos,
+                    s.options.retain_as_published,
+                    ids,
+                ));
+            }
+        }
+        self.deliver_internal(&envelope);
+        delivered
+    }
+
+    fn deliver(
+        &self,
+        client: &str,
+        envelope: &Arc<Envelope>,
+        max_qos: QoS,
+        retain_as_published: bool,
+        subscription_ids: Vec<u32>,
+    ) -> bool {
+        let Some(entry) = self.sessions.get(client) else { return false };
+        let qos = envelope.qos.min(max_qos);
+        // QoS 0 is not queued for a client that is away.
+        if qos == QoS::AtMostOnce && !entry.mailbox.is_online() {
+            return false;
+        }
+        let delivery = Delivery {
+            envelope: envelope.clone(),
+            qos,
+            // MQTT-3.3.1-12/-13: the retain flag only survives with
+            // retain-as-published.
+            retain: retain_as_published && envelope.retain,
+            subscription_ids,
+        };
+        entry.mailbox.push(client, delivery)
+    }
+
+    fn deliver_internal(&mut self, envelope: &Envelope) {
+        self.internal.retain_mut(|sub| {
+            if !sub.filter.matches(&envelope.topic) {
+                return true;
+            }
+            let message = Message {
+                topic: envelope.topic.clone(),
+                payload: envelope.payload.clone(),
+                qos: envelope.qos,
+                retain: envelope.retain,
+            };
+            match sub.tx.try_send(message) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    sub.dropped += 1;
+                    tracing::warn!(filter = %sub.filter, dropped = sub.dropped, "in-process subscriber is not keeping up; message dropped for it");
+                    true
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+    }
+
+    /// Adds an in-process subscriber; the retained messages it matches are
+    /// queued first.
+    pub fn subscribe_internal(&mut self, filter: TopicFilter, tx: mpsc::Sender<Message>) {
+        for envelope in self.retained.values().filter(|e| filter.matches(&e.topic) && !e.expired()) {
+            let _ = tx.try_send(Message {
+                topic: envelope.topic.clone(),
+                payload: envelope.payload.clone(),
+                qos: envelope.qos,
+                retain: true,
+            });
+        }
+        self.internal.push(InternalSubscriber { filter, tx, dropped: 0 });
+    }
+
+    /// Subscribes `client`; returns whether the subscription existed.
+    pub fn subscribe(
+        &mut self,
+        client: &Arc<str>,
+        filter: &ParsedFilter<'_>,
+        options: SubscriptionOptions,
+        id: Option<u32>,
+    ) -> bool {
+        let subscriber =
+            Subscriber { client: client.clone(), options, id, group: filter.group.map(Arc::from) };
+        self.subscriptions.insert(filter.filter, subscriber)
+    }
+
+    /// Unsubscribes `client`; whether it was subscribed.
+    pub fn unsubscribe(&mut self, client: &str, raw_filter: &str) -> bool {
+        match parse_filter(raw_filter) {
+            Ok(f) => self.subscriptions.remove(f.filter, client, f.group),
+            Err(_) => false,
+        }
+    }
+
+    /// Removes every subscription of a session that ends.
+    pub fn remove_subscriptions(&mut self, client: &str, state: &SessionState) {
+        for raw in state.subscriptions.keys() {
+            self.unsubscribe(client, raw);
+        }
+    }
+
+    /// The retained messages matching `filter`, not expired.
+    pub fn retained_matching(&self, filter: &TopicFilter) -> Vec<Arc<Envelope>> {
+        self.retained.values().filter(|e| filter.matches(&e.topic) && !e.expired()).cloned().collect()
+    }
+
+    /// The retained message on `topic`.
+    pub fn retained(&self, topic: &TopicName) -> Option<Arc<Envelope>> {
+        self.retained.get(topic).filter(|e| !e.expired()).cloned()
+    }
+
+    /// How many retained messages and subscriptions there are.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.retained.len(), self.subscriptions.len())
+    }
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::packet::Properties;
+    use bytes::Bytes;
+
+    fn envelope(topic: &str, qos: QoS, retain: bool, publisher: Option<&str>) -> Arc<Envelope> {
+        Arc::new(Envelope {
+            topic: TopicName::new(topic).unwrap(),
+            payload: Bytes::from_static(b"v"),
+            qos,
+            retain,
+            properties: Properties::default(),
+            expires_at: None,
+            publisher: publisher.map(Arc::from),
+        })
+    }
+
+    fn session(router: &mut Router, client: &str) -> Arc<Mailbox> {
+        let mailbox = Arc::new(Mailbox::new(100));
+        mailbox.set_online(true);
+        router.sessions.insert(
+            client.into(),
+            SessionEntry {
+                state: Default::default(),
+                mailbox: mailbox.clone(),
+                kick: None,
+                generation: 1,
+                taken_over_clean: false,
+            },
+        );
+        mailbox
+    }
+
+    fn sub(router: &mut Router, client: &str, filter: &str, qos: QoS, id: Option<u32>) {
+        let options = SubscriptionOptions { qos, ..SubscriptionOptions::default() };
+        let parsed = parse_filter(filter).unwrap();
+        router.subscribe(&Arc::from(client), &parsed, options, id);
+    }
+
+    #[test]
+    fn overlapping_subscriptions_deliver_once_at_the_highest_qos_with_every_id() {
+        // MQTT-3.3.5-1 (mosquitto 2.0.11 delivers at the first match's QoS).
+        let mut r = Router::new();
+        let mb = session(&mut r, "c");
+        sub(&mut r, "c", "a/+", QoS::AtMostOnce, Some(1));
+        sub(&mut r, "c", "a/#", QoS::ExactlyOnce, Some(2));
+        assert_eq!(r.route(envelope("a/b", QoS::ExactlyOnce, false, None)), 1);
+        let d = mb.pop().unwrap();
+        assert_eq!(d.qos, QoS::ExactlyOnce);
+        let mut ids = d.subscription_ids.clone();
+        ids.sort();
+        assert_eq!(ids, [1, 2]);
+        assert!(mb.pop().is_none());
+    }
+
+    #[test]
+    fn delivery_qos_is_the_lower_of_publish_and_subscription() {
+        let mut r = Router::new();
+        let mb = session(&mut r, "c");
+        sub(&mut r, "c", "t", QoS::AtLeastOnce, None);
+        r.route(envelope("t", QoS::ExactlyOnce, false, None));
+        r.route(envelope("t", QoS::AtMostOnce, false, None));
+        assert_eq!(mb.pop().unwrap().qos, QoS::AtLeastOnce);
+        assert_eq!(mb.pop().unwrap().qos, QoS::AtMostOnce);
+    }
+
+    #[test]
+    fn no_local_skips_the_publisher_itself() {
+        let mut r = Router::new();
+        let mb = session(&mut r, "c");
+        let options = SubscriptionOptions { no_local: true, ..SubscriptionOptions::default() };
+        r.subscribe(&Arc::from("c"), &parse_filter("t").unwrap(), options, None);
+        r.route(envelope("t", QoS::AtMostOnce, false, Some("c")));
+        assert!(mb.pop().is_none());
+        r.route(envelope("t", QoS::AtMostOnce, false, Some("other")));
+        assert!(mb.pop().is_some());
+    }
+
+    #[test]
+    fn a_share_group_gets_each_message_once_taking_turns() {
+        let mut r = Router::new();
+        let a = session(&mut r, "a");
+        let b = session(&mut r, "b");
+        sub(&mut r, "a", "$share/g/t/#", QoS::AtMostOnce, None);
+        sub(&mut r, "b", "$share/g/t/#", QoS::AtMostOnce, None);
+        for _ in 0..10 {
+            r.route(envelope("t/x", QoS::AtMostOnce, false, None));
+        }
+        assert_eq!((a.len(), b.len()), (5, 5));
+        // An offline member is passed over.
+        b.set_online(false);
+        for _ in 0..4 {
+            r.route(envelope("t/x", QoS::AtMostOnce, false, None));
+        }
+        assert_eq!(a.len(), 9);
+    }
+
+    #[test]
+    fn qos0_is_not_queued_for_an_offline_client_but_qos1_is() {
+        let mut r = Router::new();
+        let mb = session(&mut r, "c");
+        sub(&mut r, "c", "t", QoS::AtLeastOnce, None);
+        mb.set_online(false);
+        r.route(envelope("t", QoS::AtMostOnce, false, None));
+        r.route(envelope("t", QoS::AtLeastOnce, false, None));
+        assert_eq!(mb.len(), 1);
+    }
+
+    #[test]
+    fn retained_messages_are_replaced_and_cleared_by_an_empty_payload() {
+        let mut r = Router::new();
+        r.route(envelope("t", QoS::AtMostOnce, true, None));
+        let filter = TopicFilter::new("#").unwrap();
+        assert_eq!(r.retained_matching(&filter).len(), 1);
+        let clear = Arc::new(Envelope {
+            payload: Bytes::new(),
+            ..Arc::unwrap_or_clone(envelope("t", QoS::AtMostOnce, true, None))
+        });
+        r.route(clear);
+        assert!(r.retained_matching(&filter).is_empty());
+    }
+
+    #[test]
+    fn share_filters_are_parsed_and_checked() {
+        assert_eq!(parse_filter("$share/g/a/+").unwrap().group, Some("g"));
+        assert!(parse_filter("$share/g").is_err());
+        assert!(parse_filter("$share//a").is_err());
+        assert!(parse_filter("a/#/b").is_err());
+    }
+}

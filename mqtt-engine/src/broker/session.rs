@@ -1,0 +1,237 @@
+//! What the broker keeps per client: its session state and its mailbox.
+//!
+//! The two are apart on purpose. The [`Mailbox`] is where routing drops
+//! deliveries; it is a short lock, never held across an await, so
+//! publishing never waits on a client. The [`SessionState`] (subscriptions,
+//! messages in flight, QoS 2 receipts) belongs to whichever connection owns
+//! the session: that connection holds its async lock for its whole life, so
+//! a client-id takeover is "kick the old connection, wait for the lock".
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::packet::{Properties, SubscriptionOptions};
+use crate::{QoS, TopicName};
+
+/// A published message as the broker routes it: shared by every delivery.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Where it was published.
+    pub topic: TopicName,
+    /// The payload.
+    pub payload: Bytes,
+    /// The QoS it was published with.
+    pub qos: QoS,
+    /// Its retain flag as published.
+    pub retain: bool,
+    /// The properties forwarded to subscribers (payload format, content
+    /// type, response topic, correlation data, user properties).
+    pub properties: Properties,
+    /// When it expires (MQTT 5 message expiry), if ever.
+    pub expires_at: Option<Instant>,
+    /// The client that published it (for no-local), if any.
+    pub publisher: Option<Arc<str>>,
+}
+
+impl Envelope {
+    /// Whether the message has outlived its expiry interval.
+    pub fn expired(&self) -> bool {
+        self.expires_at.is_some_and(|at| at <= Instant::now())
+    }
+
+    /// Seconds left before expiry, rounded up, for the forwarded property.
+    pub fn remaining_expiry(&self) -> Option<u32> {
+        let left = self.expires_at?.saturating_duration_since(Instant::now());
+        Some(left.as_secs_f64().ceil() as u32)
+    }
+}
+
+/// One message on its way to one client.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message.
+    pub envelope: Arc<Envelope>,
+    /// The QoS it is sent with (the lower of publish and subscription).
+    pub qos: QoS,
+    /// The retain flag it is sent with.
+    pub retain: bool,
+    /// The identifiers of the subscriptions it matched (MQTT 5).
+    pub subscription_ids: Vec<u32>,
+}
+
+/// Where routing leaves deliveries for a client, bounded.
+#[derive(Debug)]
+pub struct Mailbox {
+    queue: Mutex<VecDeque<Delivery>>,
+    notify: Notify,
+    capacity: usize,
+    dropped: AtomicU64,
+    online: AtomicBool,
+}
+
+impl Mailbox {
+    /// An empty mailbox holding at most `capacity` deliveries.
+    pub fn new(capacity: usize) -> Self {
+        Mailbox {
+            queue: Mutex::new(VecDeque::new()),
+            notify: Notify::new(),
+            capacity,
+            dropped: AtomicU64::new(0),
+            online: AtomicBool::new(false),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<Delivery>> {
+        // Every update is one push or pop: a poisoned queue is still whole.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a delivery. A full mailbox drops it, counted and logged
+    /// (first drop, then every thousandth), and returns false.
+    pub fn push(&self, client: &str, delivery: Delivery) -> bool {
+        let mut queue = self.lock();
+        if queue.len() >= self.capacity {
+            drop(queue);
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if dropped == 1 || dropped % 1000 == 0 {
+                tracing::warn!(
+                    client,
+                    dropped,
+                    capacity = self.capacity,
+                    "client queue full: message dropped"
+                );
+            }
+            return false;
+        }
+        queue.push_back(delivery);
+        drop(queue);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Puts a delivery back at the front (it could not be sent yet).
+    pub fn unpop(&self, delivery: Delivery) {
+        self.lock().push_front(delivery);
+    }
+
+    /// The next delivery.
+    pub fn pop(&self) -> Option<Delivery> {
+        self.lock().pop_front()
+    }
+
+    /// Empties the mailbox.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
+    /// Waits until something is pushed.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// How many messages were dropped because the mailbox was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+
+    /// How many deliveries wait.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no delivery waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a connection currently owns the session: QoS 0 messages are
+    /// only queued for online clients.
+    pub fn is_online(&self) -> bool {
+        self.online.load(Ordering::Acquire)
+    }
+
+    /// Marks the session online or offline.
+    pub fn set_online(&self, online: bool) {
+        self.online.store(online, Ordering::Release)
+    }
+}
+
+/// A message sent to the client and not yet fully acknowledged.
+#[derive(Debug, Clone)]
+pub enum Outgoing {
+    /// PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
+    Published(Delivery),
+    /// PUBREL sent; waiting for PUBCOMP.
+    Released,
+}
+
+/// The state of a session that outlives its connections.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    /// Filter (as subscribed, `$share/...` included) to options and id.
+    pub subscriptions: HashMap<String, (SubscriptionOptions, Option<u32>)>,
+    /// Messages to the client in flight, by packet identifier.
+    pub outgoing: BTreeMap<u16, Outgoing>,
+    /// The last packet identifier used.
+    pub last_id: u16,
+    /// QoS 2 messages received and not yet released (MQTT 4.3.3, method B's
+    /// "store the packet identifier" so a resent PUBLISH is not routed twice).
+    pub incoming_qos2: HashSet<u16>,
+}
+
+impl SessionState {
+    /// The next packet identifier not in flight (MQTT-2.3.1-2), if any.
+    pub fn next_packet_id(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            self.last_id = self.last_id.checked_add(1).unwrap_or(1);
+            if !self.outgoing.contains_key(&self.last_id) {
+                return Some(self.last_id);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery() -> Delivery {
+        Delivery {
+            envelope: Arc::new(Envelope {
+                topic: TopicName::new("t").unwrap(),
+                payload: Bytes::from_static(b"x"),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: Properties::default(),
+                expires_at: None,
+                publisher: None,
+            }),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: vec![],
+        }
+    }
+
+    #[test]
+    fn a_full_mailbox_drops_and_counts() {
+        let m = Mailbox::new(2);
+        assert!(m.push("c", delivery()));
+        assert!(m.push("c", delivery()));
+        assert!(!m.push("c", delivery()));
+        assert_eq!((m.len(), m.dropped()), (2, 1));
+    }
+
+    #[test]
+    fn packet_ids_skip_those_in_flight_and_wrap_past_zero() {
+        let mut s = SessionState { last_id: u16::MAX - 1, ..SessionState::default() };
+        s.outgoing.insert(u16::MAX, Outgoing::Released);
+        s.outgoing.insert(1, Outgoing::Released);
+        assert_eq!(s.next_packet_id(), Some(2));
+    }
+}

@@ -1,0 +1,192 @@
+//! Framing: bytes from a socket to packets, and packets to bytes.
+//!
+//! A [`PacketReader`] owns the read buffer. It reads the fixed header,
+//! checks the announced size against the maximum packet size *before*
+//! reserving room for the body (a client cannot make the broker allocate by
+//! announcing 256 MiB), then decodes. A clean close between packets is
+//! `Ok(None)`, an expected state, not an error. Reading is cancellation
+//! safe, so a client task can wait on it in a `select!` beside its mailbox.
+//!
+//! A [`PacketWriter`] encodes into a buffer and writes it out on `flush`,
+//! so a burst of deliveries becomes one system call.
+
+use std::io;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::packet::{self, DecodeError, Packet, Protocol, ReasonCode};
+
+/// Why a connection cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    /// The bytes were not a valid packet.
+    #[error("{0}")]
+    Decode(#[from] DecodeError),
+    /// The peer closed the connection in the middle of a packet.
+    #[error("the connection closed in the middle of a packet")]
+    Truncated,
+}
+
+impl ConnectionError {
+    /// The reason code a DISCONNECT (or CONNACK) should carry, if any.
+    pub fn reason(&self) -> Option<ReasonCode> {
+        match self {
+            ConnectionError::Decode(e) => Some(e.reason),
+            _ => None,
+        }
+    }
+}
+
+/// The reading half of a connection.
+pub struct PacketReader<R> {
+    stream: R,
+    buffer: BytesMut,
+    max_packet_size: usize,
+    /// Known once CONNECT has been read.
+    pub version: Option<Protocol>,
+}
+
+impl<R: AsyncRead + Unpin> PacketReader<R> {
+    /// A reader refusing packets larger than `max_packet_size` bytes.
+    pub fn new(stream: R, max_packet_size: usize) -> Self {
+        PacketReader { stream, buffer: BytesMut::with_capacity(4096), max_packet_size, version: None }
+    }
+
+    /// The next packet, or `None` when the peer closed cleanly between packets.
+    pub async fn read_packet(&mut self) -> Result<Option<Packet>, ConnectionError> {
+        loop {
+            if let Some(packet) = self.parse()? {
+                return Ok(Some(packet));
+            }
+            if self.stream.read_buf(&mut self.buffer).await? == 0 {
+                return if self.buffer.is_empty() { Ok(None) } else { Err(ConnectionError::Truncated) };
+            }
+        }
+    }
+
+    /// A whole packet from the buffer, if one is there.
+    fn parse(&mut self) -> Result<Option<Packet>, ConnectionError> {
+        let Some((header_len, body_len)) = self.header()? else { return Ok(None) };
+        let total = header_len + body_len;
+        if total > self.max_packet_size {
+            return Err(
+                DecodeError::new(ReasonCode::PACKET_TOO_LARGE, "a packet larger than the maximum").into()
+            );
+        }
+        if self.buffer.len() < total {
+            self.buffer.reserve(total - self.buffer.len());
+            return Ok(None);
+        }
+        let first = self.buffer[0];
+        self.buffer.advance(header_len);
+        let body = self.buffer.split_to(body_len).freeze();
+        Ok(Some(packet::decode(first, body, self.version)?))
+    }
+
+    /// The fixed header's length and the remaining length, once complete.
+    fn header(&self) -> Result<Option<(usize, usize)>, DecodeError> {
+        let mut value = 0usize;
+        for i in 1..=4 {
+            let Some(&byte) = self.buffer.get(i) else { return Ok(None) };
+            value |= usize::from(byte & 0x7f) << (7 * (i - 1));
+            if byte & 0x80 == 0 {
+                return Ok(Some((i + 1, value)));
+            }
+        }
+        Err(DecodeError::new(ReasonCode::MALFORMED_PACKET, "a remaining length longer than four bytes"))
+    }
+}
+
+/// The writing half of a connection.
+pub struct PacketWriter<W> {
+    stream: W,
+    buffer: BytesMut,
+    /// The version packets are encoded for.
+    pub version: Protocol,
+}
+
+impl<W: AsyncWrite + Unpin> PacketWriter<W> {
+    /// A writer encoding for `version` (3.1.1 until CONNECT says otherwise).
+    pub fn new(stream: W) -> Self {
+        PacketWriter { stream, buffer: BytesMut::with_capacity(4096), version: Protocol::V311 }
+    }
+
+    /// Queues `packet`; nothing is sent before [`flush`](Self::flush).
+    pub fn queue(&mut self, packet: &Packet) {
+        packet::encode(packet, self.version, &mut self.buffer);
+    }
+
+    /// The size `packet` would take, to respect a client's maximum packet size.
+    pub fn encoded_len(&self, packet: &Packet) -> usize {
+        let mut scratch = BytesMut::new();
+        packet::encode(packet, self.version, &mut scratch);
+        scratch.len()
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn pending(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.buffer.is_empty() {
+            self.stream.write_all(&self.buffer).await?;
+            self.buffer.clear();
+            self.stream.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Flushes, then shuts the stream down.
+    pub async fn close(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn packets_split_across_reads_are_reassembled() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut reader = PacketReader::new(server, 1024);
+        reader.version = Some(Protocol::V311);
+        let mut client = client;
+        let bytes = [0xc0, 0x00, 0x30, 0x05, 0, 1, b't', b'h', b'i'];
+        for chunk in bytes.chunks(2) {
+            client.write_all(chunk).await.unwrap();
+        }
+        drop(client);
+        assert_eq!(reader.read_packet().await.unwrap(), Some(Packet::Pingreq));
+        assert!(matches!(reader.read_packet().await.unwrap(), Some(Packet::Publish(_))));
+        assert_eq!(reader.read_packet().await.unwrap(), None, "a clean close between packets");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_packet_is_refused_from_its_header_alone() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut reader = PacketReader::new(server, 1024);
+        // Announces 268 MB; only the header is ever sent.
+        client.write_all(&[0x30, 0xff, 0xff, 0xff, 0x7f]).await.unwrap();
+        let err = reader.read_packet().await.unwrap_err();
+        assert_eq!(err.reason(), Some(ReasonCode::PACKET_TOO_LARGE));
+        assert!(reader.buffer.capacity() < 1 << 20, "nothing was allocated for the body");
+    }
+
+    #[tokio::test]
+    async fn a_close_inside_a_packet_is_an_error() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut reader = PacketReader::new(server, 1024);
+        client.write_all(&[0x30, 0x05, 0, 1]).await.unwrap();
+        drop(client);
+        assert!(matches!(reader.read_packet().await, Err(ConnectionError::Truncated)));
+    }
+}
