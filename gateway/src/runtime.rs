@@ -100,6 +100,10 @@ async fn run_adapters(
         }
     }
     tasks.wait().await;
+    // Devices may all be gone (none configured, or each failed for good);
+    // the pipeline still lives until it is asked to stop, so the gateway
+    // and its broker go on.
+    shutdown.cancelled().await;
 }
 
 /// Publishes `offline` for `nodes` under `config`'s gateway id.
@@ -228,6 +232,20 @@ mod tests {
                 Ok(())
             })
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipeline_without_devices_runs_until_it_is_stopped() {
+        let config = config("[gateway]\nid = \"gw\"\n");
+        let shutdown = CancellationToken::new();
+        let pipeline = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { run_pipeline(&config, &Broker::default(), SeenNodes::default(), shutdown).await }
+        });
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!pipeline.is_finished(), "a broker-only gateway must keep running");
+        shutdown.cancel();
+        pipeline.await.unwrap();
     }
 
     #[tokio::test]
