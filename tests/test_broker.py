@@ -23,6 +23,8 @@ id = "gw"
 data_dir = "state"
 [broker]
 listen = ["127.0.0.1:0"]
+connect_timeout = "1s"
+max_packet_size = "64KiB"
 """
 
 
@@ -372,3 +374,23 @@ def test_request_response_and_user_properties_pass_through(port):
     responder.stop()
     pub.disconnect()
     pub.loop_stop()
+
+
+def test_a_socket_that_never_sends_connect_is_closed_after_the_connect_timeout(port):
+    # MQTT 4.13 / 3.1: the broker need not wait forever for CONNECT.
+    silent = raw.Raw(port)
+    start = time.monotonic()
+    silent.closed(timeout=5)
+    assert 0.9 <= time.monotonic() - start <= 2.0
+
+
+def test_an_oversized_packet_is_refused_before_it_is_read(port):
+    # MQTT-3.2.2-15/4.13: a packet beyond the Maximum Packet Size (64 KiB
+    # here, advertised in CONNACK) closes its connection with 0x95.
+    c = raw.Raw(port)
+    c.send(raw.connect("big"))
+    first, body = c.expect(2)
+    assert b"\x27" + struct.pack("!I", 65536) in body
+    # Only the header announcing 100 MB is sent: the broker refuses it from that.
+    c.send(bytes([0x30]) + raw.varint(100_000_000))
+    assert c.closed()[-1] == (0xE0, b"\x95")

@@ -207,6 +207,7 @@ fn broker_settings(config: &Config) -> BrokerSettings {
     BrokerSettings {
         max_packet_size: config.broker.max_packet_size as usize,
         allow_anonymous: config.broker.allow_anonymous,
+        connect_timeout: config.broker.connect_timeout,
         ..BrokerSettings::default()
     }
 }

@@ -47,6 +47,7 @@ pub struct BrokerSection {
     pub allow_anonymous: Option<bool>,
     pub max_connections: Option<Spanned<u32>>,
     pub max_packet_size: Option<Spanned<ByteSize>>,
+    pub connect_timeout: Option<Spanned<ConfigDuration>>,
 }
 
 /// An enum written as one of a few strings, whose error lists them all

@@ -66,6 +66,8 @@ pub struct BrokerConfig {
     pub allow_anonymous: bool,
     pub max_connections: u32,
     pub max_packet_size: u64,
+    /// How long a new connection may take to send CONNECT.
+    pub connect_timeout: Duration,
 }
 
 /// One `[[device]]`, resolved.

@@ -113,11 +113,18 @@ fn resolve_broker(file: &ConfigFile, diags: &mut Vec<Diagnostic>) -> BrokerConfi
         }
         size
     });
+    let connect_timeout = b.connect_timeout.as_ref().map_or(Duration::from_secs(10), |t| {
+        if t.get_ref().0 < Duration::from_millis(100) {
+            diags.push(Diagnostic::at(t.span(), "connect_timeout must be at least 100ms"));
+        }
+        t.get_ref().0
+    });
     BrokerConfig {
         listen,
         allow_anonymous: b.allow_anonymous.unwrap_or(true),
         max_connections,
         max_packet_size,
+        connect_timeout,
     }
 }
 
