@@ -394,3 +394,51 @@ def test_an_oversized_packet_is_refused_before_it_is_read(port):
     # Only the header announcing 100 MB is sent: the broker refuses it from that.
     c.send(bytes([0x30]) + raw.varint(100_000_000))
     assert c.closed()[-1] == (0xE0, b"\x95")
+
+
+def start_broker(gateway, config_path):
+    gw = gateway(config_path, RUST_LOG="info")
+    m = gw.wait_for(r"MQTT listener ready addr=127\.0\.0\.1:(\d+)")
+    return gw, int(m.group(1))
+
+
+def test_sessions_and_retained_messages_survive_a_broker_restart(gateway, write_config, tmp_path):
+    # The "across a broker restart": subscriptions, queued QoS 1
+    # messages and retained messages are in data_dir/broker.state.
+    config = write_config(BROKER_CONFIG)
+    gw, port = start_broker(gateway, config)
+    sub = Collector(port, client_id="durable", clean=False, subscribe=[("q/#", 1)])
+    sub.stop()
+    pub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
+    pub.connect("127.0.0.1", port)
+    pub.loop_start()
+    pub.publish("r/kept", "retained", qos=1, retain=True).wait_for_publish(5)
+    for i in range(3):
+        pub.publish(f"q/{i}", f"m{i}", qos=1).wait_for_publish(5)
+    pub.disconnect()
+    pub.loop_stop()
+    code, _ = gw.stop()
+    assert code == 0
+    assert (tmp_path / "state" / "broker.state").exists()
+
+    gw, port = start_broker(gateway, config)
+    # Two retained: r/kept, and the gateway's own status.
+    gw.wait_for(r"broker state restored retained=2 sessions=1")
+    back = Collector(port, client_id="durable", clean=False)
+    back.wait(3)
+    time.sleep(0.3)
+    assert [m.payload for m in back.messages] == [b"m0", b"m1", b"m2"]
+    late = Collector(port, subscribe=[("r/#", 0), ("fieldmq/gw/status", 0)])
+    got = sorted((m.topic, m.payload, m.retain) for m in late.wait(2))
+    assert got == [("fieldmq/gw/status", b"online", True), ("r/kept", b"retained", True)]
+    back.stop()
+    late.stop()
+
+
+def test_an_unreadable_state_file_is_moved_aside_not_overwritten(gateway, write_config, tmp_path):
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "broker.state").write_bytes(b"this is not a snapshot")
+    gw, port = start_broker(gateway, write_config(BROKER_CONFIG))
+    gw.wait_for(r"ERROR .*unreadable; moved aside")
+    aside = list((tmp_path / "state").glob("broker.state.unreadable-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == b"this is not a snapshot"

@@ -13,10 +13,12 @@
 //! - `mapping/`: readings to messages: topic templates, payloads, on-change.
 //! - `runtime.rs`: the pipeline, devices -> mapping -> broker.
 //! - `run.rs`: the service life cycle: start, reload, stop.
+//! - `broker_state.rs`: the broker's snapshot in data_dir.
 //! - `commands.rs`: `check` and `test`.
 //! - `plan.rs`: the config described in words.
 //! - `signals.rs`, `systemd.rs`, `logging.rs`: the process's surroundings.
 
+mod broker_state;
 mod commands;
 mod config;
 mod devices;

@@ -24,7 +24,7 @@ use crate::config::Config;
 use crate::mapping::Mapper;
 use crate::runtime::{self, SeenNodes};
 use crate::signals::{Request, Signals};
-use crate::{plan, systemd};
+use crate::{broker_state, plan, systemd};
 use mqtt_engine::server;
 
 /// How long devices get to finish after a stop signal; well inside the 2 s
@@ -68,6 +68,10 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
     log_plan(&config);
 
     let broker = Broker::new(broker_settings(&config));
+    broker_state::load(&broker, &config.data_dir);
+    let autosave_stop = CancellationToken::new();
+    let autosave =
+        tokio::spawn(broker_state::autosave(broker.clone(), config.data_dir.clone(), autosave_stop.clone()));
     let listeners = match bind(&config).await {
         Ok(listeners) => listeners,
         Err(message) => {
@@ -117,6 +121,11 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
                 broker.shut_down();
                 if tokio::time::timeout(Duration::from_millis(300), servers.wait()).await.is_err() {
                     tracing::warn!("some MQTT clients did not take their last messages in time");
+                }
+                autosave_stop.cancel();
+                let _ = autosave.await;
+                if let Err(e) = broker_state::save(&broker, &config.data_dir) {
+                    tracing::error!(error = %e, "could not save the broker state");
                 }
                 tracing::info!("stopped");
                 return ExitCode::SUCCESS;

@@ -356,6 +356,7 @@ impl<W: AsyncWrite + Unpin> Client<W> {
                         ReasonCode::NO_SUBSCRIPTION_EXISTED
                     });
                 }
+                self.broker.touch();
                 self.writer.queue(&Packet::Unsuback(Suback {
                     packet_id: unsubscribe.packet_id,
                     codes,
@@ -457,7 +458,7 @@ impl<W: AsyncWrite + Unpin> Client<W> {
                 // MQTT-3.8.3-4.
                 return self.violation(ReasonCode::PROTOCOL_ERROR, "no local on a shared subscription");
             }
-            let existed = self.broker.router().subscribe(&self.client_id, &parsed, *options, id);
+            let existed = self.broker.router().subscribe(&self.client_id, raw, *options, id);
             claim.state.subscriptions.insert(raw.clone(), (*options, id));
             codes.push(ReasonCode(options.qos as u8));
             // MQTT-3.3.1-9 and retain handling (3.8.3.1); never for shares.
@@ -476,6 +477,7 @@ impl<W: AsyncWrite + Unpin> Client<W> {
                 }
             }
         }
+        self.broker.touch();
         self.writer.queue(&Packet::Suback(Suback {
             packet_id: subscribe.packet_id,
             codes,

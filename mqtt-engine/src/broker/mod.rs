@@ -18,10 +18,12 @@
 //! is published after the will delay unless the client comes back first.
 
 mod client;
+mod persist;
 mod router;
 mod session;
 mod subscriptions;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -82,6 +84,8 @@ struct Shared {
     router: Mutex<Router>,
     settings: BrokerSettings,
     shutdown: CancellationToken,
+    /// Bumped by every change worth a snapshot.
+    changes: AtomicU64,
 }
 
 /// A claimed session, owned by one connection until released.
@@ -121,6 +125,7 @@ impl Broker {
                 router: Mutex::new(Router::new()),
                 settings,
                 shutdown: CancellationToken::new(),
+                changes: AtomicU64::new(0),
             }),
         }
     }
@@ -161,7 +166,22 @@ impl Broker {
 
     /// Routes an envelope; how many clients it was queued for.
     pub fn route(&self, envelope: Envelope) -> usize {
-        self.router().route(Arc::new(envelope))
+        let retain = envelope.retain;
+        let delivered = self.router().route(Arc::new(envelope));
+        if retain || delivered > 0 {
+            self.touch();
+        }
+        delivered
+    }
+
+    /// Notes a change worth saving.
+    pub(crate) fn touch(&self) {
+        self.shared.changes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A number that changes whenever the state worth saving changes.
+    pub fn changes(&self) -> u64 {
+        self.shared.changes.load(Ordering::Relaxed)
     }
 
     /// Subscribes in-process with a queue of `capacity` messages; the
@@ -197,13 +217,7 @@ impl Broker {
             let mut router = self.router();
             let generation = router.next_generation();
             let capacity = self.shared.settings.max_queued;
-            let entry = router.sessions.entry(client.clone()).or_insert_with(|| SessionEntry {
-                state: Default::default(),
-                mailbox: Arc::new(Mailbox::new(capacity)),
-                kick: None,
-                generation: 0,
-                taken_over_clean: false,
-            });
+            let entry = router.sessions.entry(client.clone()).or_insert_with(|| SessionEntry::new(capacity));
             let existed = entry.generation != 0;
             if let Some(kick) = entry.kick.take() {
                 let _ = kick.send(ReasonCode::SESSION_TAKEN_OVER);
@@ -211,6 +225,7 @@ impl Broker {
             entry.kick = Some(kick_tx);
             entry.generation = generation;
             entry.taken_over_clean = clean_start;
+            entry.offline_since = None;
             (entry.state.clone(), entry.mailbox.clone(), existed, generation)
         };
         // Waits for a connection that was kicked to let go of the state.
@@ -224,12 +239,14 @@ impl Broker {
             mailbox.clear();
         }
         mailbox.set_online(true);
+        self.touch();
         Claim { client, state, mailbox, kicked, session_present, generation }
     }
 
     /// Releases a session when its connection ends.
     pub fn release(&self, claim: Claim, ending: Ending) {
         let Claim { client, state, mailbox, generation, .. } = claim;
+        self.touch();
         let mut router = self.router();
         let still_ours = router.sessions.get(&client).is_some_and(|e| e.generation == generation);
         if !still_ours {
@@ -247,6 +264,8 @@ impl Broker {
         mailbox.set_online(false);
         if let Some(entry) = router.sessions.get_mut(&client) {
             entry.kick = None;
+            entry.expiry = ending.session_expiry;
+            entry.offline_since = Some(std::time::SystemTime::now());
         }
         if ending.session_expiry == 0 {
             router.remove_subscriptions(&client, &state);

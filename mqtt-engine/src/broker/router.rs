@@ -30,6 +30,30 @@ pub struct SessionEntry {
     pub generation: u64,
     /// Whether the connection that took the session over started clean.
     pub taken_over_clean: bool,
+    /// The session's subscriptions (as subscribed, `$share/...` included),
+    /// kept here too so a snapshot can save them while a connection owns
+    /// the session state.
+    pub subscriptions: HashMap<String, (SubscriptionOptions, Option<u32>)>,
+    /// Session expiry in seconds (`u32::MAX`: never), once released.
+    pub expiry: u32,
+    /// When the session was released, while it is offline.
+    pub offline_since: Option<std::time::SystemTime>,
+}
+
+impl SessionEntry {
+    /// A new, empty entry whose mailbox holds at most `capacity` deliveries.
+    pub fn new(capacity: usize) -> Self {
+        SessionEntry {
+            state: Default::default(),
+            mailbox: Arc::new(Mailbox::new(capacity)),
+            kick: None,
+            generation: 0,
+            taken_over_clean: false,
+            subscriptions: HashMap::new(),
+            expiry: 0,
+            offline_since: None,
+        }
+    }
 }
 
 /// An in-process subscriber (the gateway's own consumers).
@@ -206,21 +230,29 @@ impl Router {
         self.internal.push(InternalSubscriber { filter, tx, dropped: 0 });
     }
 
-    /// Subscribes `client`; returns whether the subscription existed.
+    /// Subscribes `client` to `raw` (as subscribed); returns whether the
+    /// subscription existed.
     pub fn subscribe(
         &mut self,
         client: &Arc<str>,
-        filter: &ParsedFilter<'_>,
+        raw: &str,
         options: SubscriptionOptions,
         id: Option<u32>,
     ) -> bool {
+        let Ok(filter) = parse_filter(raw) else { return false };
         let subscriber =
             Subscriber { client: client.clone(), options, id, group: filter.group.map(Arc::from) };
+        if let Some(entry) = self.sessions.get_mut(client) {
+            entry.subscriptions.insert(raw.to_owned(), (options, id));
+        }
         self.subscriptions.insert(filter.filter, subscriber)
     }
 
     /// Unsubscribes `client`; whether it was subscribed.
     pub fn unsubscribe(&mut self, client: &str, raw_filter: &str) -> bool {
+        if let Some(entry) = self.sessions.get_mut(client) {
+            entry.subscriptions.remove(raw_filter);
+        }
         match parse_filter(raw_filter) {
             Ok(f) => self.subscriptions.remove(f.filter, client, f.group),
             Err(_) => false,
@@ -232,6 +264,16 @@ impl Router {
         for raw in state.subscriptions.keys() {
             self.unsubscribe(client, raw);
         }
+    }
+
+    /// Every retained message, for a snapshot.
+    pub fn all_retained(&self) -> impl Iterator<Item = &Arc<Envelope>> {
+        self.retained.values()
+    }
+
+    /// Restores a retained message from a snapshot.
+    pub fn restore_retained(&mut self, envelope: Arc<Envelope>) {
+        self.retained.insert(envelope.topic.clone(), envelope);
     }
 
     /// The retained messages matching `filter`, not expired.
@@ -277,23 +319,16 @@ mod tests {
     fn session(router: &mut Router, client: &str) -> Arc<Mailbox> {
         let mailbox = Arc::new(Mailbox::new(100));
         mailbox.set_online(true);
-        router.sessions.insert(
-            client.into(),
-            SessionEntry {
-                state: Default::default(),
-                mailbox: mailbox.clone(),
-                kick: None,
-                generation: 1,
-                taken_over_clean: false,
-            },
-        );
+        let mut entry = SessionEntry::new(100);
+        entry.mailbox = mailbox.clone();
+        entry.generation = 1;
+        router.sessions.insert(client.into(), entry);
         mailbox
     }
 
     fn sub(router: &mut Router, client: &str, filter: &str, qos: QoS, id: Option<u32>) {
         let options = SubscriptionOptions { qos, ..SubscriptionOptions::default() };
-        let parsed = parse_filter(filter).unwrap();
-        router.subscribe(&Arc::from(client), &parsed, options, id);
+        router.subscribe(&Arc::from(client), filter, options, id);
     }
 
     #[test]
@@ -328,7 +363,7 @@ mod tests {
         let mut r = Router::new();
         let mb = session(&mut r, "c");
         let options = SubscriptionOptions { no_local: true, ..SubscriptionOptions::default() };
-        r.subscribe(&Arc::from("c"), &parse_filter("t").unwrap(), options, None);
+        r.subscribe(&Arc::from("c"), "t", options, None);
         r.route(envelope("t", QoS::AtMostOnce, false, Some("c")));
         assert!(mb.pop().is_none());
         r.route(envelope("t", QoS::AtMostOnce, false, Some("other")));

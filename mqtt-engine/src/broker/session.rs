@@ -124,6 +124,11 @@ impl Mailbox {
         self.lock().pop_front()
     }
 
+    /// A copy of what waits, for a snapshot.
+    pub fn snapshot(&self) -> Vec<Delivery> {
+        self.lock().iter().cloned().collect()
+    }
+
     /// Empties the mailbox.
     pub fn clear(&self) {
         self.lock().clear();

@@ -10,8 +10,8 @@
 
 mod decode;
 mod encode;
-mod properties;
-mod wire;
+pub(crate) mod properties;
+pub(crate) mod wire;
 
 use std::fmt;
 

@@ -55,6 +55,13 @@ impl Reader {
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    pub fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
+        let b = self.take(8, what)?;
+        let mut bytes = [0u8; 8];
+        bytes.copy_from_slice(b);
+        Ok(u64::from_be_bytes(bytes))
+    }
+
     /// A variable byte integer (MQTT 1.5.5): at most four bytes.
     pub fn varint(&mut self, what: &'static str) -> Result<u32, DecodeError> {
         let mut value = 0u32;
