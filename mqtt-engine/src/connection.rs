@@ -41,10 +41,18 @@ impl ConnectionError {
     }
 }
 
+/// Read sizes adapt between these: an idle connection holds a small buffer
+/// (a thousand idle clients cost little memory), a busy one reads in large
+/// chunks (few system calls).
+const MIN_READ: usize = 256;
+const MAX_READ: usize = 64 * 1024;
+
 /// The reading half of a connection.
 pub struct PacketReader<R> {
     stream: R,
     buffer: BytesMut,
+    /// How much room the next read gets.
+    read_size: usize,
     max_packet_size: usize,
     /// Known once CONNECT has been read.
     pub version: Option<Protocol>,
@@ -53,7 +61,7 @@ pub struct PacketReader<R> {
 impl<R: AsyncRead + Unpin> PacketReader<R> {
     /// A reader refusing packets larger than `max_packet_size` bytes.
     pub fn new(stream: R, max_packet_size: usize) -> Self {
-        PacketReader { stream, buffer: BytesMut::with_capacity(4096), max_packet_size, version: None }
+        PacketReader { stream, buffer: BytesMut::new(), read_size: MIN_READ, max_packet_size, version: None }
     }
 
     /// The next packet, or `None` when the peer closed cleanly between packets.
@@ -62,10 +70,35 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
             if let Some(packet) = self.parse()? {
                 return Ok(Some(packet));
             }
-            if self.stream.read_buf(&mut self.buffer).await? == 0 {
+            if self.buffer.is_empty() && self.buffer.capacity() > 4 * self.read_size {
+                // Back to a small buffer once a burst is over.
+                self.buffer = BytesMut::new();
+            }
+            if self.buffer.capacity() - self.buffer.len() < self.read_size {
+                self.buffer.reserve(self.read_size);
+            }
+            let room = self.buffer.capacity() - self.buffer.len();
+            let n = self.stream.read_buf(&mut self.buffer).await?;
+            if n == 0 {
                 return if self.buffer.is_empty() { Ok(None) } else { Err(ConnectionError::Truncated) };
             }
+            if n >= room {
+                self.read_size = (self.read_size * 2).min(MAX_READ);
+            } else if n < self.read_size / 4 {
+                self.read_size = (self.read_size / 2).max(MIN_READ);
+            }
         }
+    }
+
+    /// Whether bytes of a further packet are already buffered.
+    pub fn has_buffered(&self) -> bool {
+        !self.buffer.is_empty()
+    }
+
+    /// Whether a whole packet is already buffered: a connection can then
+    /// answer it before flushing, so a burst of packets costs one write.
+    pub fn has_complete_packet(&self) -> bool {
+        matches!(self.header(), Ok(Some((h, b))) if self.buffer.len() >= h + b)
     }
 
     /// A whole packet from the buffer, if one is there.
@@ -112,7 +145,7 @@ pub struct PacketWriter<W> {
 impl<W: AsyncWrite + Unpin> PacketWriter<W> {
     /// A writer encoding for `version` (3.1.1 until CONNECT says otherwise).
     pub fn new(stream: W) -> Self {
-        PacketWriter { stream, buffer: BytesMut::with_capacity(4096), version: Protocol::V311 }
+        PacketWriter { stream, buffer: BytesMut::new(), version: Protocol::V311 }
     }
 
     /// Queues `packet`; nothing is sent before [`flush`](Self::flush).
@@ -138,6 +171,10 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
             self.stream.write_all(&self.buffer).await?;
             self.buffer.clear();
             self.stream.flush().await?;
+            if self.buffer.capacity() > MAX_READ {
+                // A burst is over: do not keep its buffer.
+                self.buffer = BytesMut::new();
+            }
         }
         Ok(())
     }

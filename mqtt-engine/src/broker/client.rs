@@ -248,9 +248,13 @@ impl<W: AsyncWrite + Unpin> Client<W> {
         let mut deadline = Instant::now() + grace;
         let exit = loop {
             self.pump(&mut claim);
-            if let Err(e) = self.writer.flush().await {
-                tracing::debug!(client = %self.client_id, error = %e, "write failed");
-                break Exit::Abnormal(None);
+            // Answers to a burst of packets go out in one write, once no
+            // whole packet is left to read.
+            if !reader.has_complete_packet() || self.writer.pending() > 64 * 1024 {
+                if let Err(e) = self.writer.flush().await {
+                    tracing::debug!(client = %self.client_id, error = %e, "write failed");
+                    break Exit::Abnormal(None);
+                }
             }
             let keepalive = async {
                 if self.keep_alive == 0 {

@@ -42,6 +42,13 @@ pub fn decode(first: u8, body: Bytes, version: Option<Protocol>) -> Result<Packe
         8 => Packet::Subscribe(subscribe(&mut r, v5)?),
         9 => Packet::Suback(suback(&mut r, v5, Context::Suback)?),
         10 => Packet::Unsubscribe(unsubscribe(&mut r, v5)?),
+        // 3.1.1's UNSUBACK is the packet identifier alone (3.11.3): any
+        // byte after it is left over, so malformed.
+        11 if !v5 => Packet::Unsuback(Suback {
+            packet_id: nonzero_id(&mut r)?,
+            codes: Vec::new(),
+            properties: Properties::default(),
+        }),
         11 => Packet::Unsuback(suback(&mut r, v5, Context::Unsuback)?),
         12 => Packet::Pingreq,
         13 => Packet::Pingresp,

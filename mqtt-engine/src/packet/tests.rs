@@ -181,6 +181,16 @@ fn a_v5_disconnect_with_a_reason_encodes_it_and_311_has_none() {
 }
 
 #[test]
+fn a_311_unsuback_with_reason_codes_is_malformed() {
+    // Found by the fuzzer: 3.1.1's UNSUBACK has no payload (MQTT 3.11.3).
+    assert_eq!(
+        decode_whole(&[0xb0, 0x03, 0, 3, 0], Some(Protocol::V311)).unwrap_err().reason,
+        ReasonCode::MALFORMED_PACKET
+    );
+    assert!(decode_whole(&[0xb0, 0x02, 0, 3], Some(Protocol::V311)).is_ok());
+}
+
+#[test]
 fn unsuback_has_codes_only_in_v5() {
     let u = Packet::Unsuback(Suback {
         packet_id: 3,
