@@ -24,17 +24,8 @@ pub fn encode(packet: &Packet, version: Protocol, buf: &mut BytesMut) {
             }
             0x20
         }
-        Packet::Publish(p) => {
-            put_string(&mut body, &p.topic);
-            if p.qos != QoS::AtMostOnce {
-                body.put_u16(p.packet_id);
-            }
-            if v5 {
-                p.properties.encode(&mut body);
-            }
-            body.put_slice(&p.payload);
-            0x30 | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain)
-        }
+        // The hot path: written straight into `buf`, the payload copied once.
+        Packet::Publish(p) => return publish(p, v5, buf),
         Packet::Puback(a) => ack(a, v5, &mut body, 0x40),
         Packet::Pubrec(a) => ack(a, v5, &mut body, 0x50),
         Packet::Pubrel(a) => ack(a, v5, &mut body, 0x62),
@@ -94,6 +85,24 @@ pub fn encode(packet: &Packet, version: Protocol, buf: &mut BytesMut) {
     buf.put_u8(first);
     put_varint(buf, body.len() as u32);
     buf.put_slice(&body);
+}
+
+fn publish(p: &Publish, v5: bool, buf: &mut BytesMut) {
+    let mut properties = BytesMut::new();
+    if v5 {
+        p.properties.encode(&mut properties);
+    }
+    let id_len = if p.qos == QoS::AtMostOnce { 0 } else { 2 };
+    let remaining = 2 + p.topic.len() + id_len + properties.len() + p.payload.len();
+    buf.reserve(remaining + 5);
+    buf.put_u8(0x30 | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain));
+    put_varint(buf, remaining as u32);
+    put_string(buf, &p.topic);
+    if id_len > 0 {
+        buf.put_u16(p.packet_id);
+    }
+    buf.put_slice(&properties);
+    buf.put_slice(&p.payload);
 }
 
 fn connect(c: &Connect, body: &mut BytesMut) {
