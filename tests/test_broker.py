@@ -442,3 +442,92 @@ def test_an_unreadable_state_file_is_moved_aside_not_overwritten(gateway, write_
     gw.wait_for(r"ERROR .*unreadable; moved aside")
     aside = list((tmp_path / "state").glob("broker.state.unreadable-*"))
     assert len(aside) == 1 and aside[0].read_bytes() == b"this is not a snapshot"
+
+
+def connected(port, client_id, **kw):
+    c = raw.Raw(port)
+    c.send(raw.connect(client_id, **kw))
+    c.expect(2)
+    return c
+
+
+def test_no_local_and_retain_as_published_options(port):
+    # MQTT-3.8.3-3 (no local: not sent back to its publisher) and
+    # MQTT-3.3.1-12/-13 (retain as published keeps RETAIN=1 on live messages).
+    c = connected(port, "opts")
+    no_local, rap = 0b0100, 0b1000
+    c.send(raw.subscribe(1, [("nl/t", 0 | no_local), ("rap/t", 0 | rap)]))
+    c.expect(9)
+    c.send(raw.publish("nl/t", b"mine"))
+    c.send(raw.publish("rap/t", b"kept flag", retain=True))
+    first, body = c.expect(3)
+    topic, payload, _, _, _ = raw.parse_publish(first, body)
+    assert (topic, payload, first & 1) == ("rap/t", b"kept flag", 1)
+    with pytest.raises((TimeoutError, OSError)):
+        c.recv(timeout=0.5)  # nothing from nl/t
+
+
+def test_retain_handling_controls_retained_messages_on_subscribe(port):
+    # MQTT 3.8.3.1: 0 sends retained messages, 1 only for a new
+    # subscription, 2 never.
+    pub = connected(port, "rh-pub")
+    pub.send(raw.publish("rh/t", b"stored", retain=True, qos=1, packet_id=1))
+    pub.expect(4)
+    c = connected(port, "rh")
+    c.send(raw.subscribe(1, [("rh/#", 0b10_0000)]))  # handling 2
+    c.expect(9)
+    with pytest.raises((TimeoutError, OSError)):
+        c.recv(timeout=0.5)
+    c.send(raw.subscribe(2, [("rh/+", 0b01_0000)]))  # handling 1, a new subscription
+    c.expect(9)
+    assert raw.parse_publish(*c.expect(3))[1] == b"stored"
+    c.send(raw.subscribe(3, [("rh/+", 0b01_0000)]))  # handling 1, existing: nothing
+    c.expect(9)
+    with pytest.raises((TimeoutError, OSError)):
+        c.recv(timeout=0.5)
+
+
+def test_a_session_expires_after_its_interval(port):
+    # MQTT-3.1.2-23 / 4.1: a v5 session lives for its expiry interval after
+    # the connection closes, then is gone (session present 0).
+    expiry = [(0x11, struct.pack("!I", 1))]
+    c = connected(port, "brief", clean=True, properties=expiry)
+    c.close()
+    c = raw.Raw(port)
+    c.send(raw.connect("brief", clean=False, properties=expiry))
+    assert c.expect(2)[1][0] == 1, "within the interval the session is present"
+    c.close()
+    time.sleep(1.6)
+    c = raw.Raw(port)
+    c.send(raw.connect("brief", clean=False, properties=expiry))
+    assert c.expect(2)[1][0] == 0, "after it, the session is gone"
+
+
+def test_the_clients_receive_maximum_bounds_what_is_in_flight_to_it(port):
+    # MQTT-3.3.4-9: no more unacknowledged QoS 1/2 PUBLISHes than the
+    # client's Receive Maximum (2 here); the rest follow as it acknowledges.
+    c = connected(port, "slow-reader", properties=[(0x21, struct.pack("!H", 2))])
+    c.send(raw.subscribe(1, [("rm2/#", 1)]))
+    c.expect(9)
+    pub = connected(port, "rm2-pub")
+    for i in range(5):
+        pub.send(raw.publish(f"rm2/{i}", str(i), qos=1, packet_id=i + 1))
+    got = [raw.parse_publish(*c.expect(3)) for _ in range(2)]
+    with pytest.raises((TimeoutError, OSError)):
+        c.recv(timeout=0.5)
+    c.send(raw.ack(0x40, got[0][3]))
+    got.append(raw.parse_publish(*c.expect(3)))
+    assert [g[1] for g in got] == [b"0", b"1", b"2"]
+
+
+def test_an_expired_message_is_not_delivered(port):
+    # MQTT-3.3.2-5: a retained message past its expiry interval is not sent.
+    pub = connected(port, "exp-pub")
+    pub.send(raw.publish("exp/t", b"short-lived", retain=True, qos=1, packet_id=1, properties=[(0x02, struct.pack("!I", 1))]))
+    pub.expect(4)
+    time.sleep(1.5)
+    c = connected(port, "exp-sub")
+    c.send(raw.subscribe(1, [("exp/#", 1)]))
+    c.expect(9)
+    with pytest.raises((TimeoutError, OSError)):
+        c.recv(timeout=0.5)
