@@ -24,9 +24,11 @@
 //! - `device.rs`: the two device traits, [`Output`] and [`DeviceError`].
 //! - `poll.rs`: [`run_polled`], the per-device poll schedule (no burst after a stall).
 //! - `system.rs`: the `system` adapter, real data from the host.
+//! - `modbus/`: Modbus TCP devices: registers, coalescing, shared links.
 #![deny(missing_docs)]
 
 mod device;
+pub mod modbus;
 mod poll;
 mod reading;
 pub mod system;

@@ -5,6 +5,7 @@
 //! to borrow from the device.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 /// One poll of one node: its name, when it was read, and what was read.
@@ -25,14 +26,15 @@ pub struct Attribute {
     pub name: String,
     /// The value read.
     pub value: Value,
-    /// The unit, e.g. `V`, if the attribute has one.
-    pub unit: Option<&'static str>,
+    /// The unit, e.g. `V`, if the attribute has one (shared: adapters keep
+    /// one copy per configured attribute, not one per reading).
+    pub unit: Option<Arc<str>>,
 }
 
 impl Attribute {
     /// An attribute with a unit.
-    pub fn new(name: impl Into<String>, value: impl Into<Value>, unit: Option<&'static str>) -> Self {
-        Attribute { name: name.into(), value: value.into(), unit }
+    pub fn new(name: impl Into<String>, value: impl Into<Value>, unit: Option<&str>) -> Self {
+        Attribute { name: name.into(), value: value.into(), unit: unit.map(Arc::from) }
     }
 }
 

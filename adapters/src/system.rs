@@ -259,7 +259,7 @@ mod tests {
         // ancestor (the temp dir's filesystem) is reported instead.
         let temp_free = free_kib(&std::env::temp_dir()).unwrap() as f64 / 1024.0;
         assert!((number(&reading, "disk_free") - temp_free).abs() < 64.0);
-        let units: Vec<_> = reading.attributes.iter().map(|a| (a.name.as_str(), a.unit)).collect();
+        let units: Vec<_> = reading.attributes.iter().map(|a| (a.name.as_str(), a.unit.as_deref())).collect();
         assert!(units.contains(&("mem_used", Some("MiB"))));
         assert!(reading.attributes.iter().all(|a| ATTRIBUTES.contains(&a.name.as_str())));
     }

@@ -130,7 +130,7 @@ impl fmt::Display for Summary<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, a) in self.0.attributes.iter().enumerate() {
             let sep = if i == 0 { "" } else { " " };
-            write!(f, "{sep}{}={}{}", a.name, a.value, a.unit.unwrap_or_default())?;
+            write!(f, "{sep}{}={}{}", a.name, a.value, a.unit.as_deref().unwrap_or_default())?;
         }
         Ok(())
     }

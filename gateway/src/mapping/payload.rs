@@ -29,7 +29,7 @@ pub fn json(node: &str, ts: SystemTime, attributes: &[&Attribute]) -> String {
         push_value(&mut out, &attribute.value);
     }
     out.push('}');
-    let mut with_unit = attributes.iter().filter_map(|a| Some((&a.name, a.unit?))).peekable();
+    let mut with_unit = attributes.iter().filter_map(|a| Some((&a.name, a.unit.as_deref()?))).peekable();
     if with_unit.peek().is_some() {
         out.push_str(",\"units\":{");
         for (i, (name, unit)) in with_unit.enumerate() {
