@@ -66,10 +66,13 @@ pub fn test(path: Option<&Path>) -> ExitCode {
         }
     };
     let outcomes = runtime.block_on(async {
+        let mut links = adapters::modbus::Links::default();
         let handles: Vec<_> = config
             .devices
             .iter()
-            .map(|device| tokio::spawn(sample(devices::build(device, &config), device.name.clone())))
+            .map(|device| {
+                tokio::spawn(sample(devices::build(device, &config, &mut links), device.name.clone()))
+            })
             .collect();
         let mut outcomes = Vec::with_capacity(handles.len());
         for handle in handles {

@@ -1,6 +1,7 @@
 //! From a device's config to a running adapter: the one place that knows
 //! which adapter serves which `kind`.
 
+use adapters::modbus::{Links, ModbusPoller};
 use adapters::system::{SystemConfig, SystemPoller};
 use adapters::{PolledDevice, PushDevice};
 
@@ -17,9 +18,13 @@ pub enum Adapter {
     Push(Box<dyn PushDevice>),
 }
 
-/// Builds the adapter for `device`.
-pub fn build(device: &DeviceConfig, config: &Config) -> Adapter {
+/// Builds the adapter for `device`; devices on the same Modbus TCP
+/// host:port share one link from `links`.
+pub fn build(device: &DeviceConfig, config: &Config, links: &mut Links) -> Adapter {
     match &device.settings {
+        DeviceSettings::ModbusTcp { address, modbus } => {
+            Adapter::Polled(Box::new(ModbusPoller::new(modbus.clone(), links.tcp(*address))))
+        }
         DeviceSettings::System { disks } => Adapter::Polled(Box::new(SystemPoller::new(SystemConfig {
             node: device.name.clone(),
             data_dir: config.data_dir.clone(),

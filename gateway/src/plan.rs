@@ -55,6 +55,15 @@ fn describe_device(d: &DeviceConfig, gateway: &str) -> String {
             format!(", disks {}", disks.join(" "))
         }
         DeviceSettings::System { .. } => String::new(),
+        DeviceSettings::ModbusTcp { address, modbus } => {
+            let requests = adapters::modbus::plan(&modbus.attributes, modbus.max_gap).len();
+            format!(
+                ", unit {} at {address}, {} attributes in {requests} request{} per poll",
+                modbus.unit,
+                modbus.attributes.len(),
+                if requests == 1 { "" } else { "s" }
+            )
+        }
     };
     format!(
         "device {} ({}): poll every {} -> {topic}, {publish}{extra}",

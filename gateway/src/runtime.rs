@@ -40,7 +40,8 @@ pub type SeenNodes = Arc<Mutex<BTreeSet<(String, String)>>>;
 /// Runs the devices of `config` until `shutdown`, publishing to `broker`
 /// and recording every node it hears of in `seen`.
 pub async fn run_pipeline(config: &Config, broker: &Broker, seen: SeenNodes, shutdown: CancellationToken) {
-    let adapters = config.devices.iter().map(|d| devices::build(d, config)).collect();
+    let mut links = adapters::modbus::Links::default();
+    let adapters = config.devices.iter().map(|d| devices::build(d, config, &mut links)).collect();
     run_adapters(config, adapters, broker, seen, shutdown).await
 }
 

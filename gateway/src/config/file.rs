@@ -28,6 +28,17 @@ pub struct ConfigFile {
     pub broker: BrokerSection,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceSection>,
+    #[serde(default, rename = "profile")]
+    pub profiles: Vec<ProfileSection>,
+}
+
+/// `[[profile]]`: a register map shared by many Modbus devices.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileSection {
+    pub name: Spanned<String>,
+    #[serde(default, rename = "attribute")]
+    pub attributes: Vec<AttributeSection>,
 }
 
 /// `[gateway]`
@@ -61,6 +72,7 @@ macro_rules! string_enum {
         impl $name {
             const NAMES: &'static [&'static str] = &[$($text),+];
 
+            #[allow(dead_code)] // not every config enum is printed
             pub fn as_str(self) -> &'static str {
                 match self { $($name::$variant => $text),+ }
             }
@@ -135,14 +147,72 @@ pub struct DeviceSection {
     pub heartbeat: Option<Spanned<ConfigDuration>>,
     /// `system` only: extra filesystems to watch, label = path.
     pub disks: Option<Spanned<BTreeMap<String, PathBuf>>>,
+    /// Modbus: `host:port` (TCP).
+    pub address: Option<Spanned<String>>,
+    /// Modbus: the unit (slave) id.
+    pub unit_id: Option<Spanned<u8>>,
+    /// Modbus: per request.
+    pub timeout: Option<Spanned<ConfigDuration>>,
+    /// Modbus: extra attempts after a timeout.
+    pub retries: Option<Spanned<u32>>,
+    /// Modbus: registers between attributes still read in one request.
+    pub max_gap: Option<Spanned<u16>>,
+    /// Modbus: a `[[profile]]` whose attributes the device has.
+    pub profile: Option<Spanned<String>>,
     #[serde(default, rename = "attribute")]
     pub attributes: Vec<AttributeSection>,
 }
 
-/// `[[device.attribute]]`
-#[derive(Debug, Deserialize)]
+/// `[[device.attribute]]` and `[[profile.attribute]]`.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AttributeSection {
     pub name: Spanned<String>,
     pub deadband: Option<Spanned<f64>>,
+    // Modbus only:
+    pub table: Option<Spanned<TableName>>,
+    pub register: Option<Spanned<u16>>,
+    #[serde(rename = "type")]
+    pub data_type: Option<Spanned<TypeName>>,
+    pub word_order: Option<Spanned<OrderName>>,
+    pub byte_order: Option<Spanned<OrderName>>,
+    pub bit: Option<Spanned<u8>>,
+    pub count: Option<Spanned<u16>>,
+    pub scale: Option<Spanned<f64>>,
+    pub offset: Option<Spanned<f64>>,
+    pub unit: Option<Spanned<String>>,
+}
+
+string_enum! {
+    /// `table`: which Modbus table an attribute is in.
+    TableName {
+        Holding = "holding",
+        Input = "input",
+        Coil = "coil",
+        Discrete = "discrete",
+    }
+}
+
+string_enum! {
+    /// `type`: how an attribute's registers are read.
+    TypeName {
+        U16 = "u16",
+        I16 = "i16",
+        U32 = "u32",
+        I32 = "i32",
+        U64 = "u64",
+        I64 = "i64",
+        F32 = "f32",
+        F64 = "f64",
+        Bool = "bool",
+        String = "string",
+    }
+}
+
+string_enum! {
+    /// `word_order` and `byte_order`.
+    OrderName {
+        Big = "big",
+        Little = "little",
+    }
 }

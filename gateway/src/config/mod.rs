@@ -9,6 +9,7 @@
 
 mod diagnostic;
 mod file;
+mod modbus;
 pub mod units;
 mod validate;
 
@@ -97,6 +98,8 @@ pub enum PublishPolicy {
 pub enum DeviceSettings {
     /// The host: extra filesystems to watch, `(label, path)`.
     System { disks: Vec<(String, PathBuf)> },
+    /// A Modbus TCP device.
+    ModbusTcp { address: SocketAddr, modbus: adapters::modbus::ModbusConfig },
 }
 
 /// A config that was refused, with every reason.

@@ -3,7 +3,7 @@
 //! Every problem is pushed as a [`Diagnostic`] and checking goes on, so the
 //! user sees all of them at once.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -12,7 +12,8 @@ use std::time::Duration;
 use toml::Spanned;
 use tracing_subscriber::filter::Targets;
 
-use super::file::{ConfigFile, DeviceKind, DeviceSection, Format, PublishMode};
+use super::file::{ConfigFile, DeviceKind, DeviceSection, Format, ProfileSection, PublishMode};
+use super::modbus;
 use super::{BrokerConfig, Config, ConfigSource, DeviceConfig, DeviceSettings, Diagnostic, PublishPolicy};
 use crate::mapping::{topic_level_problem, TopicTemplate, DEFAULT_TOPIC, RESERVED_NODE};
 
@@ -51,6 +52,15 @@ pub fn resolve(
 
     let broker = resolve_broker(&file, diags);
 
+    let mut profiles: HashMap<&str, &ProfileSection> = HashMap::new();
+    for profile in &file.profiles {
+        if profiles.insert(profile.name.get_ref(), profile).is_some() {
+            diags.push(Diagnostic::at(
+                profile.name.span(),
+                format!("a profile named `{}` is already defined", profile.name.get_ref()),
+            ));
+        }
+    }
     let mut names = BTreeSet::new();
     let mut devices = Vec::with_capacity(file.devices.len());
     for section in &file.devices {
@@ -66,7 +76,7 @@ pub fn resolve(
         if touched(section.name.span().start) {
             continue;
         }
-        if let Some(device) = resolve_device(section, source, diags) {
+        if let Some(device) = resolve_device(section, source, &profiles, diags) {
             devices.push(device);
         }
     }
@@ -131,6 +141,7 @@ fn resolve_broker(file: &ConfigFile, diags: &mut Vec<Diagnostic>) -> BrokerConfi
 fn resolve_device(
     d: &DeviceSection,
     source: &ConfigSource,
+    profiles: &HashMap<&str, &ProfileSection>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<DeviceConfig> {
     let errors_before = diags.len();
@@ -154,13 +165,15 @@ fn resolve_device(
                     .map(|(label, path)| (label.clone(), relative_to_config(path, source)))
                     .collect()
             });
+            modbus::refuse_device_keys(d, kind.as_str(), diags);
             DeviceSettings::System { disks }
         }
+        DeviceKind::ModbusTcp => modbus::resolve_tcp(d, profiles, diags)?,
         other => {
             diags.push(Diagnostic::at(
                 d.kind.span(),
                 format!(
-                    "device kind `{}` is not available in this version of fieldmq yet; available: system",
+                    "device kind `{}` is not available in this version of fieldmq yet; available: system, modbus-tcp",
                     other.as_str()
                 ),
             ));
@@ -270,6 +283,9 @@ fn known_attributes(kind: DeviceKind, settings: &DeviceSettings) -> Vec<String> 
             .map(|a| a.to_string())
             .chain(disks.iter().map(|(label, _)| format!("disk_free_{label}")))
             .collect(),
+        (_, DeviceSettings::ModbusTcp { modbus, .. }) => {
+            modbus.attributes.iter().map(|a| a.name.clone()).collect()
+        }
         _ => Vec::new(),
     }
 }

@@ -1,0 +1,40 @@
+"""A Modbus TCP server for the tests: pymodbus, started as its own process.
+
+Usage: python modbus_server.py PORT SPEC.json
+SPEC: {"holding": {"0": 1234, ...}, "input": {...}, "coil": {"0": true}, "discrete": {...}}
+with 0-based addresses as on the wire. Registers 0..299 (bits 0..99) exist;
+anything beyond answers exception 02 (illegal data address). Prints "ready"
+once listening; stops on SIGTERM.
+"""
+
+import json
+import sys
+
+from pymodbus.datastore import ModbusSequentialDataBlock, ModbusServerContext, ModbusSlaveContext
+from pymodbus.server import StartTcpServer
+
+
+def block(values, size):
+    data = [0] * size
+    for address, value in values.items():
+        data[int(address)] = value
+    # pymodbus 3.8 with ModbusSlaveContext: request address N is block address N+1.
+    return ModbusSequentialDataBlock(1, data)
+
+
+def main():
+    port = int(sys.argv[1])
+    spec = json.loads(open(sys.argv[2]).read())
+    store = ModbusSlaveContext(
+        hr=block(spec.get("holding", {}), 300),
+        ir=block(spec.get("input", {}), 300),
+        co=block({k: int(v) for k, v in spec.get("coil", {}).items()}, 100),
+        di=block({k: int(v) for k, v in spec.get("discrete", {}).items()}, 100),
+    )
+    context = ModbusServerContext(slaves=store, single=True)
+    print("ready", flush=True)
+    StartTcpServer(context=context, address=("127.0.0.1", port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+"""Modbus TCP against a real pymodbus server: every type and word order
+decoded exactly, readings on the local broker, an exception response and a
+dead device in error while a healthy device keeps publishing."""
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+HERE = Path(__file__).resolve().parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def words(fmt, value):
+    """Big-endian 16-bit words of a struct-packed value (ABCD order)."""
+    raw = struct.pack(fmt, value)
+    return [int.from_bytes(raw[i : i + 2], "big") for i in range(0, len(raw), 2)]
+
+
+def swap(w):
+    return ((w & 0xFF) << 8) | (w >> 8)
+
+
+F32 = struct.unpack(">f", struct.pack(">f", 230.4))[0]
+HOLDING = {}
+
+
+def put(address, regs):
+    for i, r in enumerate(regs):
+        HOLDING[str(address + i)] = r
+
+
+put(0, [1234])                                             # u16
+put(1, words(">h", -2))                                    # i16
+put(2, words(">I", 0xAABBCCDD))                            # u32 ABCD
+put(4, list(reversed(words(">I", 0xAABBCCDD))))            # u32 CDAB
+put(6, [swap(w) for w in words(">i", -123456)])            # i32 BADC
+put(8, [swap(w) for w in reversed(words(">f", 230.4))])    # f32 DCBA
+put(10, words(">d", -1234.5678))                           # f64 ABCD
+put(14, words(">Q", 2**40 + 5))                            # u64 ABCD
+put(18, list(reversed(words(">q", -10))))                  # i64 CDAB
+put(22, [0b1000])                                          # bit 3
+put(23, [0x5344, 0x4D36, 0x3330])                          # "SDM630"
+put(26, [2304])                                            # 230.4 after scale 0.1
+
+SPEC = {
+    "holding": HOLDING,
+    "input": {"0": words(">f", 50.0)[0], "1": words(">f", 50.0)[1]},
+    "coil": {"0": True},
+    "discrete": {"1": True},
+}
+
+ATTRIBUTES = """
+  [[device.attribute]]
+  name = "u16"
+  table = "holding"
+  register = 0
+  [[device.attribute]]
+  name = "i16"
+  table = "holding"
+  register = 1
+  type = "i16"
+  [[device.attribute]]
+  name = "u32_abcd"
+  table = "holding"
+  register = 2
+  type = "u32"
+  [[device.attribute]]
+  name = "u32_cdab"
+  table = "holding"
+  register = 4
+  type = "u32"
+  word_order = "little"
+  [[device.attribute]]
+  name = "i32_badc"
+  table = "holding"
+  register = 6
+  type = "i32"
+  byte_order = "little"
+  [[device.attribute]]
+  name = "f32_dcba"
+  table = "holding"
+  register = 8
+  type = "f32"
+  word_order = "little"
+  byte_order = "little"
+  [[device.attribute]]
+  name = "f64"
+  table = "holding"
+  register = 10
+  type = "f64"
+  [[device.attribute]]
+  name = "u64"
+  table = "holding"
+  register = 14
+  type = "u64"
+  [[device.attribute]]
+  name = "i64_cdab"
+  table = "holding"
+  register = 18
+  type = "i64"
+  word_order = "little"
+  [[device.attribute]]
+  name = "alarm"
+  table = "holding"
+  register = 22
+  type = "bool"
+  bit = 3
+  [[device.attribute]]
+  name = "model"
+  table = "holding"
+  register = 23
+  type = "string"
+  count = 3
+  [[device.attribute]]
+  name = "voltage"
+  table = "holding"
+  register = 26
+  scale = 0.1
+  unit = "V"
+  [[device.attribute]]
+  name = "frequency"
+  table = "input"
+  register = 0
+  type = "f32"
+  unit = "Hz"
+  [[device.attribute]]
+  name = "relay"
+  table = "coil"
+  register = 0
+  [[device.attribute]]
+  name = "door"
+  table = "discrete"
+  register = 1
+"""
+
+
+@pytest.fixture
+def modbus_server(tmp_path):
+    port = free_port()
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(SPEC))
+    proc = subprocess.Popen([sys.executable, str(HERE / "modbus_server.py"), str(port), str(spec)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_modbus_tcp_readings_arrive_decoded_and_failures_stay_per_device(gateway, write_config, modbus_server):
+    dead_port = free_port()
+    config = f"""
+[gateway]
+id = "gw"
+data_dir = "state"
+[broker]
+listen = ["127.0.0.1:0"]
+
+[[device]]
+name = "meter"
+kind = "modbus-tcp"
+address = "127.0.0.1:{modbus_server}"
+poll = "300ms"
+{ATTRIBUTES}
+[[device]]
+name = "bad-register"
+kind = "modbus-tcp"
+address = "127.0.0.1:{modbus_server}"
+poll = "300ms"
+  [[device.attribute]]
+  name = "nowhere"
+  table = "holding"
+  register = 5000
+
+[[device]]
+name = "dead"
+kind = "modbus-tcp"
+address = "127.0.0.1:{dead_port}"
+poll = "300ms"
+timeout = "200ms"
+  [[device.attribute]]
+  name = "x"
+  table = "holding"
+  register = 0
+"""
+    gw = gateway(write_config(config), RUST_LOG="info")
+    port = int(gw.wait_for(r"MQTT listener ready addr=127\.0\.0\.1:(\d+)").group(1))
+    gw.wait_for(r"device meter \(modbus-tcp\): .* 15 attributes in 4 requests per poll")
+
+    got = {}
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, m: got.setdefault(m.topic, []).append(m.payload.decode())
+    client.connect("127.0.0.1", port)
+    client.subscribe("fieldmq/gw/#", 1)
+    client.loop_start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(got.get("fieldmq/gw/meter", [])) < 3:
+        time.sleep(0.1)
+    client.loop_stop()
+
+    readings = [json.loads(p) for p in got.get("fieldmq/gw/meter", [])]
+    assert len(readings) >= 3, got
+    attributes = readings[-1]["attributes"]
+    assert attributes == {
+        "u16": 1234,
+        "i16": -2,
+        "u32_abcd": 0xAABBCCDD,
+        "u32_cdab": 0xAABBCCDD,
+        "i32_badc": -123456,
+        "f32_dcba": F32,
+        "f64": -1234.5678,
+        "u64": 2**40 + 5,
+        "i64_cdab": -10,
+        "alarm": True,
+        "model": "SDM630",
+        "voltage": 230.4,
+        "frequency": 50.0,
+        "relay": True,
+        "door": True,
+    }
+    assert readings[-1]["units"] == {"voltage": "V", "frequency": "Hz"}
+    assert got["fieldmq/gw/meter/status"][-1] == "online"
+    # An exception response and a dead device: their nodes are in error,
+    # with the reason; the healthy meter on the same server kept publishing.
+    bad = got["fieldmq/gw/bad-register/status"][-1]
+    assert bad.startswith("error: exception") and "holding 5000..5001" in bad, bad
+    assert got["fieldmq/gw/dead/status"][-1].startswith(f"error: cannot connect to 127.0.0.1:{dead_port}")
+    assert "fieldmq/gw/bad-register" not in got and "fieldmq/gw/dead" not in got
