@@ -131,20 +131,26 @@ fn resolve_attributes(
     }
     let mut names = BTreeSet::new();
     let mut specs = Vec::with_capacity(sections.len());
+    let mut overrides = Vec::new();
     for a in sections {
-        if !names.insert(a.name.get_ref().as_str()) {
-            diags.push(Diagnostic::at(
-                a.name.span(),
-                format!("attribute `{}` is defined twice", a.name.get_ref()),
-            ));
-        }
-        // An attribute of the device that only sets a deadband refers to
-        // one its profile defines.
-        if a.table.is_none() && a.register.is_none() && a.deadband.is_some() {
-            names.remove(a.name.get_ref().as_str());
+        // An attribute that sets only a deadband refers to one defined
+        // elsewhere (its profile's).
+        if a.table.is_none() && a.register.is_none() && a.data_type.is_none() {
+            overrides.push(a);
             continue;
         }
+        if !names.insert(a.name.get_ref().as_str()) {
+            diags.push(Diagnostic::at(a.name.span(), format!("attribute `{}` is defined twice", a.name.get_ref())));
+        }
         specs.extend(resolve_attribute(a, diags));
+    }
+    for a in overrides {
+        if !names.contains(a.name.get_ref().as_str()) {
+            diags.push(Diagnostic::at(
+                a.name.span(),
+                format!("attribute `{}` is not defined here or in the profile (table and register missing)", a.name.get_ref()),
+            ));
+        }
     }
     Some(specs)
 }

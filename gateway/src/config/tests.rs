@@ -71,7 +71,7 @@ poll = \"5 seconds\"
         first_lines(errors.clone()),
         [
             "/etc/fieldmq/t.toml:7:8: invalid type: integer `5`, expected a duration like \"250ms\", \"5s\" or \"2m\"",
-            "/etc/fieldmq/t.toml:9:1: unknown field `heartbeat_interval`, expected one of `name`, `kind`, `poll`, `topic`, `format`, `publish`, `heartbeat`, `disks`, `attribute`",
+            "/etc/fieldmq/t.toml:9:1: unknown field `heartbeat_interval`, expected one of `name`, `kind`, `poll`, `topic`, `format`, `publish`, `heartbeat`, `disks`, `address`, `unit_id`, `timeout`, `retries`, `max_gap`, `profile`, `attribute`",
             "/etc/fieldmq/t.toml:14:8: invalid value: string \"5 seconds\", expected a duration like \"250ms\", \"5s\" or \"2m\"",
         ]
     );
@@ -96,7 +96,7 @@ topic = \"x/{nod}\"
 
 [[device]]
 name = \"a\"
-kind = \"modbus-tcp\"
+kind = \"ble\"
 
 [[device]]
 name = \"b\"
@@ -122,7 +122,7 @@ topic = \"t/{attribute}\"
             "/etc/fieldmq/t.toml:6:11: invalid listen address `localhost:1883`, expected IP:PORT like \"0.0.0.0:1883\" or \"[::]:1883\"",
             "/etc/fieldmq/t.toml:11:9: unknown placeholder `{nod}`, expected {gateway}, {node}, {attribute} or {kind}",
             "/etc/fieldmq/t.toml:14:8: a device named `a` is already defined: device names must be unique",
-            "/etc/fieldmq/t.toml:15:8: device kind `modbus-tcp` is not available in this version of fieldmq yet; available: system",
+            "/etc/fieldmq/t.toml:15:8: device kind `ble` is not available in this version of fieldmq yet; available: system, modbus-tcp",
             "/etc/fieldmq/t.toml:22:13: heartbeat (5s) must be at least the poll period (10s)",
             "/etc/fieldmq/t.toml:24:10: a system device has no attribute `voltage`; it has: cpu_temp, load_1m, load_5m, load_15m, mem_used, mem_available, disk_free, uptime, process_rss",
             "/etc/fieldmq/t.toml:25:14: deadband must be a finite number >= 0",
@@ -190,5 +190,93 @@ fn a_device_may_not_take_the_name_of_the_gateway_status_topic() {
     assert_eq!(
         first_lines(errors("[[device]]\nname = \"status\"\nkind = \"system\"\n")),
         ["/etc/fieldmq/t.toml:2:8: a device name must not be `status`: fieldmq/{gateway}/status is the gateway's own status"]
+    );
+}
+
+#[test]
+fn a_modbus_device_takes_its_profile_and_its_own_attributes() {
+    let text = "\
+[[profile]]
+name = \"meter\"
+  [[profile.attribute]]
+  name = \"voltage\"
+  table = \"input\"
+  register = 0
+  type = \"f32\"
+  unit = \"V\"
+
+[[device]]
+name = \"m1\"
+kind = \"modbus-tcp\"
+address = \"127.0.0.1:502\"
+unit_id = 3
+profile = \"meter\"
+publish = \"on-change\"
+  [[device.attribute]]
+  name = \"voltage\"
+  deadband = 0.5
+  [[device.attribute]]
+  name = \"relay\"
+  table = \"coil\"
+  register = 4
+";
+    let config = parse(text).unwrap_or_else(|e| panic!("{e}"));
+    let DeviceSettings::ModbusTcp { address, modbus } = &config.devices[0].settings else { panic!("not modbus") };
+    assert_eq!(address.to_string(), "127.0.0.1:502");
+    assert_eq!(modbus.unit, 3);
+    let names: Vec<&str> = modbus.attributes.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["voltage", "relay"]);
+    assert_eq!(
+        config.devices[0].publish,
+        PublishPolicy::OnChange { heartbeat: Duration::from_secs(300), deadbands: vec![("voltage".into(), 0.5)] }
+    );
+}
+
+#[test]
+fn modbus_mistakes_are_reported_with_their_place() {
+    let text = "\
+[[device]]
+name = \"a\"
+kind = \"modbus-tcp\"
+  [[device.attribute]]
+  name = \"x\"
+  table = \"holding\"
+  register = 0
+
+[[device]]
+name = \"b\"
+kind = \"modbus-tcp\"
+address = \"127.0.0.1:502\"
+profile = \"nope\"
+
+[[device]]
+name = \"c\"
+kind = \"modbus-tcp\"
+address = \"127.0.0.1:502\"
+  [[device.attribute]]
+  name = \"flag\"
+  table = \"coil\"
+  register = 1
+  type = \"u16\"
+  [[device.attribute]]
+  name = \"label\"
+  table = \"holding\"
+  register = 2
+  type = \"string\"
+
+[[device]]
+name = \"d\"
+kind = \"system\"
+address = \"127.0.0.1:502\"
+";
+    assert_eq!(
+        first_lines(errors(text)),
+        [
+            "/etc/fieldmq/t.toml:3:8: a modbus-tcp device needs address = \"host:port\"",
+            "/etc/fieldmq/t.toml:13:11: no [[profile]] named `nope`; defined: none",
+            "/etc/fieldmq/t.toml:23:10: coils and discrete inputs are read as type = \"bool\"",
+            "/etc/fieldmq/t.toml:25:10: attribute `label`: a string needs count = 1..125 registers",
+            "/etc/fieldmq/t.toml:33:11: `address` is for Modbus devices, not for kind `system`",
+        ]
     );
 }

@@ -207,8 +207,9 @@ fn resolve_device(
         },
     };
 
+    // Modbus devices define their attributes; `modbus.rs` checked them.
     let known = known_attributes(kind, &settings);
-    for a in &d.attributes {
+    for a in d.attributes.iter().filter(|_| kind == DeviceKind::System) {
         if !known.iter().any(|k| k == a.name.get_ref()) {
             diags.push(Diagnostic::at(
                 a.name.span(),
