@@ -17,6 +17,26 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
 const DEFAULT_RETRIES: u32 = 1;
 const DEFAULT_MAX_GAP: u16 = 10;
 
+/// The register maps compiled into the binary (config/profiles/).
+const BUILTIN_PROFILES: &[&str] = &[include_str!("../../../config/profiles/eastron-sdm630.toml")];
+
+/// The built-in profiles, by the name they give themselves. They are
+/// checked by a test, so a parse error here is a build mistake, not the
+/// user's: such a file is skipped with a log line.
+pub fn builtin_profiles() -> Vec<ProfileSection> {
+    BUILTIN_PROFILES
+        .iter()
+        .filter_map(|text| match toml::from_str::<super::file::ConfigFile>(text) {
+            Ok(file) => Some(file.profiles),
+            Err(e) => {
+                tracing::error!(error = %e, "a built-in Modbus profile does not parse");
+                None
+            }
+        })
+        .flatten()
+        .collect()
+}
+
 /// The device-level keys only Modbus devices take.
 pub fn refuse_device_keys(d: &DeviceSection, kind: &str, diags: &mut Vec<Diagnostic>) {
     let keys = [
@@ -140,7 +160,10 @@ fn resolve_attributes(
             continue;
         }
         if !names.insert(a.name.get_ref().as_str()) {
-            diags.push(Diagnostic::at(a.name.span(), format!("attribute `{}` is defined twice", a.name.get_ref())));
+            diags.push(Diagnostic::at(
+                a.name.span(),
+                format!("attribute `{}` is defined twice", a.name.get_ref()),
+            ));
         }
         specs.extend(resolve_attribute(a, diags));
     }
@@ -148,7 +171,10 @@ fn resolve_attributes(
         if !names.contains(a.name.get_ref().as_str()) {
             diags.push(Diagnostic::at(
                 a.name.span(),
-                format!("attribute `{}` is not defined here or in the profile (table and register missing)", a.name.get_ref()),
+                format!(
+                    "attribute `{}` is not defined here or in the profile (table and register missing)",
+                    a.name.get_ref()
+                ),
             ));
         }
     }

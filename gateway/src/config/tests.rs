@@ -221,14 +221,19 @@ publish = \"on-change\"
   register = 4
 ";
     let config = parse(text).unwrap_or_else(|e| panic!("{e}"));
-    let DeviceSettings::ModbusTcp { address, modbus } = &config.devices[0].settings else { panic!("not modbus") };
+    let DeviceSettings::ModbusTcp { address, modbus } = &config.devices[0].settings else {
+        panic!("not modbus")
+    };
     assert_eq!(address.to_string(), "127.0.0.1:502");
     assert_eq!(modbus.unit, 3);
     let names: Vec<&str> = modbus.attributes.iter().map(|a| a.name.as_str()).collect();
     assert_eq!(names, ["voltage", "relay"]);
     assert_eq!(
         config.devices[0].publish,
-        PublishPolicy::OnChange { heartbeat: Duration::from_secs(300), deadbands: vec![("voltage".into(), 0.5)] }
+        PublishPolicy::OnChange {
+            heartbeat: Duration::from_secs(300),
+            deadbands: vec![("voltage".into(), 0.5)]
+        }
     );
 }
 
@@ -273,10 +278,23 @@ address = \"127.0.0.1:502\"
         first_lines(errors(text)),
         [
             "/etc/fieldmq/t.toml:3:8: a modbus-tcp device needs address = \"host:port\"",
-            "/etc/fieldmq/t.toml:13:11: no [[profile]] named `nope`; defined: none",
+            "/etc/fieldmq/t.toml:13:11: no [[profile]] named `nope`; defined: eastron-sdm630",
             "/etc/fieldmq/t.toml:23:10: coils and discrete inputs are read as type = \"bool\"",
             "/etc/fieldmq/t.toml:25:10: attribute `label`: a string needs count = 1..125 registers",
             "/etc/fieldmq/t.toml:33:11: `address` is for Modbus devices, not for kind `system`",
         ]
     );
+}
+
+#[test]
+fn the_built_in_sdm630_profile_is_valid_and_coalesces() {
+    let text = "[[device]]\nname = \"meter\"\nkind = \"modbus-tcp\"\naddress = \"127.0.0.1:502\"\nprofile = \"eastron-sdm630\"\n";
+    let config = parse(text).unwrap_or_else(|e| panic!("{e}"));
+    let DeviceSettings::ModbusTcp { modbus, .. } = &config.devices[0].settings else { panic!("not modbus") };
+    assert_eq!(modbus.attributes.len(), 25);
+    // Coalescing with the default max_gap of 10: 25 attributes in 4
+    // requests (0..18, 30..76, 200..206, 342..344) instead of 25.
+    let requests = adapters::modbus::plan(&modbus.attributes, modbus.max_gap);
+    let spans: Vec<(u16, u16)> = requests.iter().map(|r| (r.start, r.start + r.count)).collect();
+    assert_eq!(spans, [(0, 18), (30, 76), (200, 206), (342, 344)]);
 }

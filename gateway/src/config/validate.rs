@@ -52,7 +52,20 @@ pub fn resolve(
 
     let broker = resolve_broker(&file, diags);
 
-    let mut profiles: HashMap<&str, &ProfileSection> = HashMap::new();
+    let builtin = modbus::builtin_profiles();
+    let mut profiles: HashMap<&str, &ProfileSection> =
+        builtin.iter().map(|p| (p.name.get_ref().as_str(), p)).collect();
+    let mut defined = BTreeSet::new();
+    for profile in &file.profiles {
+        // A profile of the config replaces a built-in one of the same name.
+        profiles.remove(profile.name.get_ref().as_str());
+        if !defined.insert(profile.name.get_ref().as_str()) {
+            diags.push(Diagnostic::at(
+                profile.name.span(),
+                format!("a profile named `{}` is already defined", profile.name.get_ref()),
+            ));
+        }
+    }
     for profile in &file.profiles {
         if profiles.insert(profile.name.get_ref(), profile).is_some() {
             diags.push(Diagnostic::at(
