@@ -247,3 +247,36 @@ timeout = "200ms"
     assert bad.startswith("error: exception") and "holding 5000..5001" in bad, bad
     assert got["fieldmq/gw/dead/status"][-1].startswith(f"error: cannot connect to 127.0.0.1:{dead_port}")
     assert "fieldmq/gw/bad-register" not in got and "fieldmq/gw/dead" not in got
+
+
+def test_fieldmq_test_reads_modbus_devices_once_and_reports_each_failure(cli, write_config, modbus_server):
+    # The commissioning step: one poll of each device, exit 1 when one failed.
+    dead_port = free_port()
+    path = write_config(f"""
+[gateway]
+id = "gw"
+[[device]]
+name = "ok"
+kind = "modbus-tcp"
+address = "127.0.0.1:{modbus_server}"
+  [[device.attribute]]
+  name = "voltage"
+  table = "holding"
+  register = 26
+  scale = 0.1
+  unit = "V"
+[[device]]
+name = "dead"
+kind = "modbus-tcp"
+address = "127.0.0.1:{dead_port}"
+  [[device.attribute]]
+  name = "v"
+  table = "holding"
+  register = 0
+""")
+    r = cli("test", "--config", path)
+    assert r.code == 1
+    lines = dict(line.split(" ", 1) for line in r.out.splitlines())
+    assert json.loads(lines["fieldmq/gw/ok"])["attributes"] == {"voltage": 230.4}
+    assert lines["fieldmq/gw/dead/status"].startswith(f"error: cannot connect to 127.0.0.1:{dead_port}: Connection refused")
+    assert "2 devices polled, 1 failed" in r.err
