@@ -280,3 +280,76 @@ address = "127.0.0.1:{dead_port}"
     assert json.loads(lines["fieldmq/gw/ok"])["attributes"] == {"voltage": 230.4}
     assert lines["fieldmq/gw/dead/status"].startswith(f"error: cannot connect to 127.0.0.1:{dead_port}: Connection refused")
     assert "2 devices polled, 1 failed" in r.err
+
+
+def test_writes_from_mqtt_round_trip_to_the_device_and_bad_ones_change_nothing(gateway, write_config, modbus_server):
+    from pymodbus.client import ModbusTcpClient
+
+    config = f"""
+[gateway]
+id = "gw"
+data_dir = "state"
+[broker]
+listen = ["127.0.0.1:0"]
+[[device]]
+name = "plc"
+kind = "modbus-tcp"
+address = "127.0.0.1:{modbus_server}"
+poll = "500ms"
+  [[device.attribute]]
+  name = "setpoint"
+  table = "holding"
+  register = 40
+  scale = 0.1
+  unit = "°C"
+  writable = true
+  min = 5.0
+  max = 30.0
+  [[device.attribute]]
+  name = "pump"
+  table = "coil"
+  register = 5
+  writable = true
+  [[device.attribute]]
+  name = "u16"
+  table = "holding"
+  register = 0
+"""
+    gw = gateway(write_config(config), RUST_LOG="info")
+    port = int(gw.wait_for(r"MQTT listener ready addr=127\.0\.0\.1:(\d+)").group(1))
+    results = {}
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, m: results.setdefault(m.topic, []).append(m.payload.decode())
+    client.connect("127.0.0.1", port)
+    client.subscribe("fieldmq/gw/plc/set/+/result", 1)
+    client.loop_start()
+    time.sleep(0.3)
+    device = ModbusTcpClient("127.0.0.1", port=modbus_server)
+    assert device.connect()
+
+    def command(attribute, value):
+        topic = f"fieldmq/gw/plc/set/{attribute}"
+        before = len(results.get(f"{topic}/result", []))
+        client.publish(topic, value, qos=1).wait_for_publish(5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and len(results.get(f"{topic}/result", [])) == before:
+            time.sleep(0.05)
+        return results[f"{topic}/result"][-1]
+
+    def register(address):
+        return device.read_holding_registers(address, count=1, slave=1).registers[0]
+
+    # A write with scale undone: 21.5 °C is register value 215 (function 6).
+    assert command("setpoint", "21.5") == "ok"
+    assert register(40) == 215
+    # Malformed, out of range, not writable: refused, and nothing changes.
+    assert command("setpoint", "warm") == "error: `warm` is not a number"
+    assert command("setpoint", "99") == "error: 99 is above the maximum 30"
+    assert command("u16", "7") == "error: `u16` is not writable"
+    assert register(40) == 215 and register(0) == 1234
+    # A coil (function 5).
+    assert command("pump", "on") == "ok"
+    assert device.read_coils(5, count=1, slave=1).bits[0] is True
+    device.close()
+    client.loop_stop()
+    gw.wait_for(r"INFO write device=plc attribute=setpoint value=21.5 result=ok")

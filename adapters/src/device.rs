@@ -41,6 +41,24 @@ pub trait PolledDevice: Send {
     /// Reads the device once. Most devices return one reading for their own
     /// node; an error marks that node `error: <reason>` until a poll succeeds.
     fn poll(&mut self) -> BoxFuture<'_, Result<Vec<Reading>, DeviceError>>;
+
+    /// Writes `value` (as published, text) to `attribute`. Nothing is
+    /// written unless the value is valid for it; the error says why.
+    fn write<'a>(&'a mut self, attribute: &'a str, value: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        let _ = value;
+        Box::pin(async move { Err(format!("`{attribute}` is not writable")) })
+    }
+}
+
+/// A write for a polled device, answered on `reply`.
+#[derive(Debug)]
+pub struct WriteRequest {
+    /// The attribute to write.
+    pub attribute: String,
+    /// The value, as published.
+    pub value: String,
+    /// `Ok` or the reason it was refused or failed.
+    pub reply: tokio::sync::oneshot::Sender<Result<(), String>>,
 }
 
 /// A device that produces readings when it hears them, for any number of

@@ -34,7 +34,7 @@ mod reading;
 pub mod system;
 
 pub use device::{
-    BoxFuture, DeviceError, NodeStatus, Output, PolledDevice, PushDevice, SourceEvent, SourceId,
+    BoxFuture, DeviceError, NodeStatus, Output, PolledDevice, PushDevice, SourceEvent, SourceId, WriteRequest,
 };
 pub use poll::{poll_once, run_polled, Schedule};
 pub use reading::{Attribute, Reading, Value};

@@ -20,7 +20,9 @@ use std::time::Duration;
 use tokio::time::{interval, timeout, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::{BoxFuture, DeviceError, NodeStatus, Output, PolledDevice, Reading, SourceEvent};
+use tokio::sync::mpsc;
+
+use crate::{BoxFuture, DeviceError, NodeStatus, Output, PolledDevice, Reading, SourceEvent, WriteRequest};
 
 /// When a polled device is asked, and how long it may take to answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,20 +35,37 @@ pub struct Schedule {
 
 /// Polls `device` on `schedule` until `shutdown`, sending its readings and
 /// its node's status changes (`node` is the device's own node) to `output`.
+/// Writes arriving on `writes` run between polls, in the same task, so a
+/// device never sees a write and a poll at once.
 pub async fn run_polled(
     mut device: Box<dyn PolledDevice>,
     node: String,
     schedule: Schedule,
     output: Output,
+    mut writes: mpsc::Receiver<WriteRequest>,
     shutdown: CancellationToken,
 ) {
     let mut ticker = interval(schedule.period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut last_status: Option<NodeStatus> = None;
+    let mut writes_open = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+            write = writes.recv(), if writes_open => {
+                match write {
+                    Some(w) => {
+                        let result = match timeout(schedule.limit, device.write(&w.attribute, &w.value)).await {
+                            Ok(result) => result,
+                            Err(_) => Err(format!("no answer within {}", humantime_secs(schedule.limit))),
+                        };
+                        let _ = w.reply.send(result);
+                    }
+                    None => writes_open = false,
+                }
+                continue;
+            }
         }
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -129,7 +148,6 @@ mod tests {
     use crate::{BoxFuture, SourceId};
     use std::sync::{Arc, Mutex};
     use std::time::SystemTime;
-    use tokio::sync::mpsc;
     use tokio::time::Instant;
 
     /// A device whose answers and delays the test scripts, recording when it
@@ -161,11 +179,13 @@ mod tests {
         let shutdown = CancellationToken::new();
         let device = Box::new(ScriptedDevice { polls: polls.clone(), script });
         let schedule = Schedule { period: Duration::from_secs(1), limit };
+        let (_, writes) = mpsc::channel(1);
         tokio::spawn(run_polled(
             device,
             "n".into(),
             schedule,
             Output::new(SourceId(0), tx),
+            writes,
             shutdown.clone(),
         ));
         (polls, rx, shutdown)

@@ -15,6 +15,7 @@
 //! - `run.rs`: the service life cycle: start, reload, stop.
 //! - `broker_state.rs`: the broker's snapshot in data_dir.
 //! - `commands.rs`: `check` and `test`.
+//! - `writes.rs`: `{topic}/set/{attribute}` to device writes.
 //! - `plan.rs`: the config described in words.
 //! - `signals.rs`, `systemd.rs`, `logging.rs`: the process's surroundings.
 
@@ -29,6 +30,7 @@ mod run;
 mod runtime;
 mod signals;
 mod systemd;
+mod writes;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::devices::{self, Adapter};
 use crate::mapping::Mapper;
+use crate::writes as commands;
 
 /// Room for a burst from every device while the mapping task is busy.
 const EVENT_QUEUE: usize = 1024;
@@ -61,7 +62,19 @@ async fn run_adapters(
         match adapter {
             Adapter::Polled(adapter) => {
                 let schedule = Schedule { period: device.poll, limit: poll_limit(device.poll) };
-                tasks.spawn(run_polled(adapter, device.name.clone(), schedule, output, shutdown));
+                let (writes_tx, writes) = mpsc::channel(16);
+                if device.has_writes() {
+                    let base = commands::command_base(config, device);
+                    let name = device.name.clone();
+                    tasks.spawn(commands::serve_writes(
+                        base,
+                        name,
+                        broker.clone(),
+                        writes_tx,
+                        shutdown.clone(),
+                    ));
+                }
+                tasks.spawn(run_polled(adapter, device.name.clone(), schedule, output, writes, shutdown));
             }
             Adapter::Push(adapter) => {
                 let name = device.name.clone();

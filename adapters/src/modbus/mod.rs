@@ -8,6 +8,10 @@
 //! A [`ModbusPoller`] reads its planned requests each poll; if any fails
 //! (timeout after its retries, exception, no connection) the whole poll
 //! fails and the node is in error, with the reason, until a poll succeeds.
+//! It writes `writable` attributes (a coil with function 5, one register
+//! with 6, several with 16), scale and offset undone, after checking the
+//! value against the type's range and the attribute's `min`/`max`: a
+//! malformed or out-of-range value writes nothing.
 
 mod plan;
 mod registers;
@@ -97,5 +101,48 @@ impl ModbusPoller {
 impl PolledDevice for ModbusPoller {
     fn poll(&mut self) -> BoxFuture<'_, Result<Vec<Reading>, DeviceError>> {
         Box::pin(async move { self.read().await.map(|r| vec![r]) })
+    }
+
+    fn write<'a>(&'a mut self, attribute: &'a str, value: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let data = self.prepare_write(attribute, value)?;
+            let Some(spec) = self.config.attributes.iter().find(|a| a.name == attribute) else {
+                return Err(format!("no attribute `{attribute}`"));
+            };
+            self.link
+                .write(self.config.unit, spec.register, data, self.config.timeout)
+                .await
+                .map_err(|e| e.error.reason().to_owned())
+        })
+    }
+}
+
+impl ModbusPoller {
+    /// What to write for `value`, or why nothing may be written.
+    fn prepare_write(&self, attribute: &str, value: &str) -> Result<Response, String> {
+        let spec = self
+            .config
+            .attributes
+            .iter()
+            .find(|a| a.name == attribute)
+            .ok_or_else(|| format!("no attribute `{attribute}`"))?;
+        if !spec.writable {
+            return Err(format!("`{attribute}` is not writable"));
+        }
+        if spec.table == Table::Coil {
+            return match value.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "on" => Ok(Response::Bits(vec![true])),
+                "false" | "0" | "off" => Ok(Response::Bits(vec![false])),
+                other => Err(format!("`{other}` is not true/false, 1/0 or on/off")),
+            };
+        }
+        let v: f64 = value.trim().parse().map_err(|_| format!("`{}` is not a number", value.trim()))?;
+        if let Some(min) = spec.min.filter(|min| v < *min) {
+            return Err(format!("{v} is below the minimum {min}"));
+        }
+        if let Some(max) = spec.max.filter(|max| v > *max) {
+            return Err(format!("{v} is above the maximum {max}"));
+        }
+        spec.encode_registers(v).map(Response::Registers)
     }
 }

@@ -76,6 +76,9 @@ mod tests {
             scale: 1.0,
             offset: 0.0,
             unit: None,
+            writable: false,
+            min: None,
+            max: None,
         }
     }
 

@@ -100,6 +100,12 @@ pub struct AttributeSpec {
     pub offset: f64,
     /// Its unit, if any.
     pub unit: Option<Arc<str>>,
+    /// Whether `{topic}/set/{name}` writes it.
+    pub writable: bool,
+    /// The lowest value a write may set (after scaling).
+    pub min: Option<f64>,
+    /// The highest value a write may set.
+    pub max: Option<f64>,
 }
 
 impl AttributeSpec {
@@ -265,6 +271,9 @@ mod tests {
             scale: 1.0,
             offset: 0.0,
             unit: None,
+            writable: false,
+            min: None,
+            max: None,
         }
     }
 

@@ -181,6 +181,9 @@ pub struct AttributeSection {
     pub scale: Option<Spanned<f64>>,
     pub offset: Option<Spanned<f64>>,
     pub unit: Option<Spanned<String>>,
+    pub writable: Option<Spanned<bool>>,
+    pub min: Option<Spanned<f64>>,
+    pub max: Option<Spanned<f64>>,
 }
 
 string_enum! {

@@ -83,6 +83,16 @@ pub struct DeviceConfig {
     pub settings: DeviceSettings,
 }
 
+impl DeviceConfig {
+    /// Whether the device has attributes written from MQTT.
+    pub fn has_writes(&self) -> bool {
+        match &self.settings {
+            DeviceSettings::ModbusTcp { modbus, .. } => modbus.attributes.iter().any(|a| a.writable),
+            DeviceSettings::System { .. } => false,
+        }
+    }
+}
+
 /// Which attributes of a reading are sent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PublishPolicy {

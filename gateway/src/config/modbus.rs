@@ -263,6 +263,24 @@ fn resolve_attribute(a: &AttributeSection, diags: &mut Vec<Diagnostic>) -> Optio
         scale,
         offset: a.offset.as_ref().map_or(0.0, |o| *o.get_ref()),
         unit: a.unit.as_ref().map(|u| Arc::from(u.get_ref().as_str())),
+        writable: a.writable.as_ref().is_some_and(|w| *w.get_ref()),
+        min: a.min.as_ref().map(|m| *m.get_ref()),
+        max: a.max.as_ref().map(|m| *m.get_ref()),
     };
+    if let Some(w) = a.writable.as_ref().filter(|w| *w.get_ref()) {
+        let writable_kind = match table {
+            Table::Coil => true,
+            Table::Holding => spec.bit.is_none() && spec.data_type != DataType::String,
+            _ => false,
+        };
+        if !writable_kind {
+            diags.push(Diagnostic::at(
+                w.span(),
+                "writable = true needs a coil or a numeric holding register (not input, discrete, a bit or a string)",
+            ));
+        }
+    } else if let Some(m) = a.min.as_ref().or(a.max.as_ref()) {
+        diags.push(Diagnostic::at(m.span(), "min and max bound writes: they need writable = true"));
+    }
     (diags.len() == errors).then_some(spec)
 }

@@ -298,3 +298,30 @@ fn the_built_in_sdm630_profile_is_valid_and_coalesces() {
     let spans: Vec<(u16, u16)> = requests.iter().map(|r| (r.start, r.start + r.count)).collect();
     assert_eq!(spans, [(0, 18), (30, 76), (200, 206), (342, 344)]);
 }
+
+#[test]
+fn only_coils_and_numeric_holding_registers_are_writable() {
+    let text = "\
+[[device]]
+name = \"m\"
+kind = \"modbus-tcp\"
+address = \"127.0.0.1:502\"
+  [[device.attribute]]
+  name = \"a\"
+  table = \"input\"
+  register = 0
+  writable = true
+  [[device.attribute]]
+  name = \"b\"
+  table = \"holding\"
+  register = 1
+  max = 10.0
+";
+    assert_eq!(
+        first_lines(errors(text)),
+        [
+            "/etc/fieldmq/t.toml:9:14: writable = true needs a coil or a numeric holding register (not input, discrete, a bit or a string)",
+            "/etc/fieldmq/t.toml:14:9: min and max bound writes: they need writable = true",
+        ]
+    );
+}
