@@ -353,3 +353,19 @@ poll = "500ms"
     device.close()
     client.loop_stop()
     gw.wait_for(r"INFO write device=plc attribute=setpoint value=21.5 result=ok")
+
+
+def test_modbus_read_shows_raw_registers_and_every_word_order(cli, modbus_server):
+    # Registers 8..9 hold 230.4 as f32 in DCBA order (see HOLDING above).
+    r = cli("modbus", "read", "--tcp", f"127.0.0.1:{modbus_server}", "--register", "8", "--count", "2", "--type", "f32", "--word-order", "DCBA")
+    assert r.code == 0, r.err
+    lines = r.out.splitlines()
+    assert lines[0] == f"holding 8..10 from unit 1 at 127.0.0.1:{modbus_server}"
+    regs = [int(HOLDING["8"]), int(HOLDING["9"])]
+    assert f"0x{regs[0]:04X}" in lines[2] and f"0x{regs[1]:04X}" in lines[3]
+    decoded = lines[-1]
+    assert decoded.startswith("f32 at 8:")
+    assert f"DCBA* {F32!r}" in decoded, decoded
+    # A dead address fails with the reason and exit 1.
+    dead = cli("modbus", "read", "--tcp", f"127.0.0.1:{free_port()}", "--register", "0")
+    assert dead.code == 1 and "cannot connect" in dead.err

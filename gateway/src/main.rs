@@ -16,6 +16,7 @@
 //! - `broker_state.rs`: the broker's snapshot in data_dir.
 //! - `commands.rs`: `check` and `test`.
 //! - `writes.rs`: `{topic}/set/{attribute}` to device writes.
+//! - `modbus_cli.rs`: `fieldmq modbus read`, for commissioning.
 //! - `plan.rs`: the config described in words.
 //! - `signals.rs`, `systemd.rs`, `logging.rs`: the process's surroundings.
 
@@ -25,6 +26,7 @@ mod config;
 mod devices;
 mod logging;
 mod mapping;
+mod modbus_cli;
 mod plan;
 mod run;
 mod runtime;
@@ -55,6 +57,15 @@ enum Command {
     /// Poll every device once and print the messages, publishing nothing;
     /// exit 0, or 1 if a device failed.
     Test(ConfigArg),
+    /// Commissioning tools for Modbus devices.
+    #[command(subcommand)]
+    Modbus(ModbusCommand),
+}
+
+#[derive(Subcommand)]
+enum ModbusCommand {
+    /// Read raw registers and show them decoded in every word order.
+    Read(modbus_cli::ReadArgs),
 }
 
 #[derive(Args)]
@@ -80,5 +91,6 @@ fn main() -> ExitCode {
             logging::init(Some("warn"));
             commands::test(config.as_deref())
         }
+        Command::Modbus(ModbusCommand::Read(args)) => modbus_cli::read(args),
     }
 }
