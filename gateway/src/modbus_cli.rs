@@ -146,20 +146,8 @@ fn print_decoded(regs: &[u16], first: u16, data_type: Option<CliType>, expected:
         Some(CliType::String) => DataType::String,
     };
     let mut spec = AttributeSpec {
-        name: String::new(),
-        table: Table::Holding,
-        register: first,
-        data_type,
-        word_order: WordOrder::Big,
-        byte_order: ByteOrder::Big,
-        bit: None,
         count: regs.len() as u16,
-        scale: 1.0,
-        offset: 0.0,
-        unit: None,
-        writable: false,
-        min: None,
-        max: None,
+        ..AttributeSpec::new("", Table::Holding, first, data_type)
     };
     let width = usize::from(spec.width());
     if regs.len() < width {

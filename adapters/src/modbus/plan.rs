@@ -61,25 +61,10 @@ pub fn plan(attributes: &[AttributeSpec], max_gap: u16) -> Vec<ReadRequest> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::modbus::registers::{ByteOrder, DataType, WordOrder};
+    use crate::modbus::registers::DataType;
 
     fn attr(table: Table, register: u16, data_type: DataType) -> AttributeSpec {
-        AttributeSpec {
-            name: format!("r{register}"),
-            table,
-            register,
-            data_type,
-            word_order: WordOrder::Big,
-            byte_order: ByteOrder::Big,
-            bit: None,
-            count: 0,
-            scale: 1.0,
-            offset: 0.0,
-            unit: None,
-            writable: false,
-            min: None,
-            max: None,
-        }
+        AttributeSpec::new(format!("r{register}"), table, register, data_type)
     }
 
     #[test]

@@ -109,6 +109,27 @@ pub struct AttributeSpec {
 }
 
 impl AttributeSpec {
+    /// An attribute with the defaults: big word and byte order, no scale,
+    /// no unit, read only.
+    pub fn new(name: impl Into<String>, table: Table, register: u16, data_type: DataType) -> Self {
+        AttributeSpec {
+            name: name.into(),
+            table,
+            register,
+            data_type,
+            word_order: WordOrder::Big,
+            byte_order: ByteOrder::Big,
+            bit: None,
+            count: 0,
+            scale: 1.0,
+            offset: 0.0,
+            unit: None,
+            writable: false,
+            min: None,
+            max: None,
+        }
+    }
+
     /// How many registers (or bits) it spans.
     pub fn width(&self) -> u16 {
         match self.data_type {
@@ -259,22 +280,7 @@ mod tests {
     use super::*;
 
     fn spec(data_type: DataType, word_order: WordOrder, byte_order: ByteOrder) -> AttributeSpec {
-        AttributeSpec {
-            name: "x".into(),
-            table: Table::Holding,
-            register: 0,
-            data_type,
-            word_order,
-            byte_order,
-            bit: None,
-            count: 0,
-            scale: 1.0,
-            offset: 0.0,
-            unit: None,
-            writable: false,
-            min: None,
-            max: None,
-        }
+        AttributeSpec { word_order, byte_order, ..AttributeSpec::new("x", Table::Holding, 0, data_type) }
     }
 
     /// 0xAABBCCDD in each of the four orders, as a device sends it.
