@@ -1,6 +1,7 @@
-"""A Modbus TCP server for the tests: pymodbus, started as its own process.
+"""A Modbus server for the tests: pymodbus, started as its own process.
 
-Usage: python modbus_server.py PORT SPEC.json
+Usage: python modbus_server.py PORT SPEC.json      (TCP on 127.0.0.1:PORT, any unit id)
+       python modbus_server.py /dev/pts/N SPEC.json  (RTU at 9600 8N1, unit 1 only)
 SPEC: {"holding": {"0": 1234, ...}, "input": {...}, "coil": {"0": true}, "discrete": {...}}
 with 0-based addresses as on the wire. Registers 0..299 (bits 0..99) exist;
 anything beyond answers exception 02 (illegal data address). Prints "ready"
@@ -11,7 +12,8 @@ import json
 import sys
 
 from pymodbus.datastore import ModbusSequentialDataBlock, ModbusServerContext, ModbusSlaveContext
-from pymodbus.server import StartTcpServer
+from pymodbus.framer import FramerType
+from pymodbus.server import StartSerialServer, StartTcpServer
 
 
 def block(values, size):
@@ -23,7 +25,7 @@ def block(values, size):
 
 
 def main():
-    port = int(sys.argv[1])
+    where = sys.argv[1]
     spec = json.loads(open(sys.argv[2]).read())
     store = ModbusSlaveContext(
         hr=block(spec.get("holding", {}), 300),
@@ -31,9 +33,15 @@ def main():
         co=block({k: int(v) for k, v in spec.get("coil", {}).items()}, 100),
         di=block({k: int(v) for k, v in spec.get("discrete", {}).items()}, 100),
     )
-    context = ModbusServerContext(slaves=store, single=True)
-    print("ready", flush=True)
-    StartTcpServer(context=context, address=("127.0.0.1", port))
+    if where.startswith("/"):
+        # Unit 1 only: a request for another unit finds nobody.
+        context = ModbusServerContext(slaves={1: store}, single=False)
+        print("ready", flush=True)
+        StartSerialServer(context=context, framer=FramerType.RTU, port=where, baudrate=9600)
+    else:
+        context = ModbusServerContext(slaves=store, single=True)
+        print("ready", flush=True)
+        StartTcpServer(context=context, address=("127.0.0.1", int(where)))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ decoded exactly, readings on the local broker, an exception response and a
 dead device in error while a healthy device keeps publishing."""
 
 import json
+import re
 import socket
 import struct
 import subprocess
@@ -369,3 +370,86 @@ def test_modbus_read_shows_raw_registers_and_every_word_order(cli, modbus_server
     # A dead address fails with the reason and exit 1.
     dead = cli("modbus", "read", "--tcp", f"127.0.0.1:{free_port()}", "--register", "0")
     assert dead.code == 1 and "cannot connect" in dead.err
+
+
+@pytest.fixture
+def rtu_line(tmp_path):
+    """A socat pty pair: pymodbus serves RTU on one end, fieldmq polls the other."""
+    import shutil
+
+    if not shutil.which("socat"):
+        pytest.fail("socat is not installed: apt-get install socat (scripts/install-test-peers does it)")
+    server_end, gateway_end = tmp_path / "server-tty", tmp_path / "gateway-tty"
+    socat = subprocess.Popen(
+        ["socat", f"pty,raw,echo=0,link={server_end}", f"pty,raw,echo=0,link={gateway_end}"],
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 5
+    while not (server_end.exists() and gateway_end.exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(SPEC))
+    server = subprocess.Popen([sys.executable, str(HERE / "modbus_server.py"), str(server_end.resolve()), str(spec)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        yield gateway_end
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        socat.terminate()
+        socat.wait(timeout=10)
+
+
+def test_modbus_rtu_on_a_shared_bus_reads_exactly_and_a_dead_unit_costs_only_its_timeout(gateway, write_config, rtu_line):
+    config = f"""
+[gateway]
+id = "gw"
+data_dir = "state"
+[broker]
+listen = ["127.0.0.1:0"]
+
+[[device]]
+name = "meter"
+kind = "modbus-rtu"
+port = "{rtu_line}"
+baud = 9600
+unit_id = 1
+poll = "500ms"
+{ATTRIBUTES}
+[[device]]
+name = "ghost"
+kind = "modbus-rtu"
+port = "{rtu_line}"
+baud = 9600
+unit_id = 2
+poll = "500ms"
+timeout = "200ms"
+retries = 0
+  [[device.attribute]]
+  name = "x"
+  table = "holding"
+  register = 0
+"""
+    gw = gateway(write_config(config), RUST_LOG="info")
+    port = int(gw.wait_for(r"MQTT listener ready addr=127\.0\.0\.1:(\d+)").group(1))
+    gw.wait_for(rf"device meter \(modbus-rtu\): .* unit 1 at {re.escape(str(rtu_line))} 9600 8N1, 15 attributes in 4 requests")
+    got = {}
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = lambda c, u, m: got.setdefault(m.topic, []).append(m.payload.decode())
+    client.connect("127.0.0.1", port)
+    client.subscribe("fieldmq/gw/#", 1)
+    client.loop_start()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and len(got.get("fieldmq/gw/meter", [])) < 3:
+        time.sleep(0.1)
+    client.loop_stop()
+    readings = [json.loads(p) for p in got.get("fieldmq/gw/meter", [])]
+    assert len(readings) >= 3, got
+    assert readings[-1]["attributes"]["f32_dcba"] == F32
+    assert readings[-1]["attributes"]["model"] == "SDM630"
+    assert readings[-1]["attributes"]["i64_cdab"] == -10
+    # The absent unit 2 is in error (a timeout, or the exception some
+    # pymodbus releases send for an unknown unit); the meter on the same
+    # bus kept publishing.
+    assert got["fieldmq/gw/ghost/status"][-1].startswith("error: "), got["fieldmq/gw/ghost/status"]

@@ -25,6 +25,9 @@ pub fn build(device: &DeviceConfig, config: &Config, links: &mut Links) -> Adapt
         DeviceSettings::ModbusTcp { address, modbus } => {
             Adapter::Polled(Box::new(ModbusPoller::new(modbus.clone(), links.tcp(*address))))
         }
+        DeviceSettings::ModbusRtu { serial, modbus } => {
+            Adapter::Polled(Box::new(ModbusPoller::new(modbus.clone(), links.rtu(serial))))
+        }
         DeviceSettings::System { disks } => Adapter::Polled(Box::new(SystemPoller::new(SystemConfig {
             node: device.name.clone(),
             data_dir: config.data_dir.clone(),

@@ -31,6 +31,16 @@ pub fn describe(config: &Config) -> Vec<String> {
     lines
 }
 
+fn modbus_line(modbus: &adapters::modbus::ModbusConfig, at: &str) -> String {
+    let requests = adapters::modbus::plan(&modbus.attributes, modbus.max_gap).len();
+    format!(
+        ", unit {} at {at}, {} attributes in {requests} request{} per poll",
+        modbus.unit,
+        modbus.attributes.len(),
+        if requests == 1 { "" } else { "s" }
+    )
+}
+
 fn describe_device(d: &DeviceConfig, gateway: &str) -> String {
     let values = TopicValues { gateway, node: &d.name, kind: d.kind.as_str(), attribute: None };
     let topic = match d.format {
@@ -55,14 +65,12 @@ fn describe_device(d: &DeviceConfig, gateway: &str) -> String {
             format!(", disks {}", disks.join(" "))
         }
         DeviceSettings::System { .. } => String::new(),
-        DeviceSettings::ModbusTcp { address, modbus } => {
-            let requests = adapters::modbus::plan(&modbus.attributes, modbus.max_gap).len();
-            format!(
-                ", unit {} at {address}, {} attributes in {requests} request{} per poll",
-                modbus.unit,
-                modbus.attributes.len(),
-                if requests == 1 { "" } else { "s" }
-            )
+        DeviceSettings::ModbusTcp { address, modbus } => modbus_line(modbus, &address.to_string()),
+        DeviceSettings::ModbusRtu { serial, modbus } => {
+            let parity = format!("{:?}", serial.parity).chars().next().unwrap_or('N');
+            let line =
+                format!("{} {} {}{parity}{}", serial.port, serial.baud, serial.data_bits, serial.stop_bits);
+            modbus_line(modbus, &line)
         }
     };
     format!(

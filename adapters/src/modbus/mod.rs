@@ -1,9 +1,10 @@
-//! The Modbus adapter: polled devices over Modbus TCP.
+//! The Modbus adapter: polled devices over Modbus TCP and RTU.
 //!
 //! - `registers.rs`: attributes, data types, word and byte orders; decoding
 //!   registers into values and values into registers.
 //! - `plan.rs`: request coalescing.
 //! - `tcp.rs`: shared TCP links with reconnect backoff.
+//! - `rtu.rs`: one bus task per serial port, serving all its devices.
 //!
 //! A [`ModbusPoller`] reads its planned requests each poll; if any fails
 //! (timeout after its retries, exception, no connection) the whole poll
@@ -15,6 +16,7 @@
 
 mod plan;
 mod registers;
+mod rtu;
 mod tcp;
 
 use std::sync::Arc;
@@ -22,7 +24,8 @@ use std::time::{Duration, SystemTime};
 
 pub use plan::{plan, ReadRequest, MAX_BITS, MAX_REGISTERS};
 pub use registers::{AttributeSpec, ByteOrder, DataType, Table, WordOrder};
-pub use tcp::{Links, Response, TcpLink};
+pub use rtu::{Parity, RtuBus, SerialSettings};
+pub use tcp::{Links, ReadError, Response, TcpLink};
 
 use crate::device::BoxFuture;
 use crate::{Attribute, DeviceError, PolledDevice, Reading, Value};
@@ -44,17 +47,43 @@ pub struct ModbusConfig {
     pub max_gap: u16,
 }
 
-/// Polls one Modbus TCP device.
+/// The way to a device: a TCP link or an RTU bus, each shared by every
+/// device behind it.
+#[derive(Debug, Clone)]
+pub enum Link {
+    /// Modbus TCP.
+    Tcp(Arc<TcpLink>),
+    /// Modbus RTU on a serial port.
+    Rtu(RtuBus),
+}
+
+impl Link {
+    async fn read(&self, unit: u8, request: &ReadRequest, limit: Duration) -> Result<Response, ReadError> {
+        match self {
+            Link::Tcp(link) => link.read(unit, request, limit).await,
+            Link::Rtu(bus) => bus.read(unit, request, limit).await,
+        }
+    }
+
+    async fn write(&self, unit: u8, register: u16, data: Response, limit: Duration) -> Result<(), ReadError> {
+        match self {
+            Link::Tcp(link) => link.write(unit, register, data, limit).await,
+            Link::Rtu(bus) => bus.write(unit, register, data, limit).await,
+        }
+    }
+}
+
+/// Polls one Modbus device.
 #[derive(Debug)]
 pub struct ModbusPoller {
     config: ModbusConfig,
-    link: Arc<TcpLink>,
+    link: Link,
     requests: Vec<ReadRequest>,
 }
 
 impl ModbusPoller {
     /// A poller reading `config` over `link`.
-    pub fn new(config: ModbusConfig, link: Arc<TcpLink>) -> Self {
+    pub fn new(config: ModbusConfig, link: Link) -> Self {
         let requests = plan(&config.attributes, config.max_gap);
         ModbusPoller { config, link, requests }
     }

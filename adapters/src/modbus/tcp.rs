@@ -212,15 +212,25 @@ fn what_prefix(what: &str) -> String {
     }
 }
 
-/// The links of one gateway run, so devices on the same host:port share one.
+/// The links of one gateway run, so devices on the same host:port or
+/// serial port share one.
 #[derive(Debug, Default)]
 pub struct Links {
     tcp: HashMap<SocketAddr, Arc<TcpLink>>,
+    rtu: HashMap<String, super::RtuBus>,
 }
 
 impl Links {
     /// The link to `addr`, made on first request.
-    pub fn tcp(&mut self, addr: SocketAddr) -> Arc<TcpLink> {
-        self.tcp.entry(addr).or_insert_with(|| Arc::new(TcpLink::new(addr))).clone()
+    pub fn tcp(&mut self, addr: SocketAddr) -> super::Link {
+        super::Link::Tcp(self.tcp.entry(addr).or_insert_with(|| Arc::new(TcpLink::new(addr))).clone())
+    }
+
+    /// The bus on `settings.port`, its task started on first request (the
+    /// config check makes every device on a port agree on its settings).
+    pub fn rtu(&mut self, settings: &super::SerialSettings) -> super::Link {
+        let bus =
+            self.rtu.entry(settings.port.clone()).or_insert_with(|| super::RtuBus::spawn(settings.clone()));
+        super::Link::Rtu(bus.clone())
     }
 }

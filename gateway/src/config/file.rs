@@ -159,6 +159,16 @@ pub struct DeviceSection {
     pub max_gap: Option<Spanned<u16>>,
     /// Modbus: a `[[profile]]` whose attributes the device has.
     pub profile: Option<Spanned<String>>,
+    /// Modbus RTU: the serial port.
+    pub port: Option<Spanned<String>>,
+    /// Modbus RTU: bits per second (default 9600).
+    pub baud: Option<Spanned<u32>>,
+    /// Modbus RTU: none | even | odd (default none).
+    pub parity: Option<Spanned<ParityName>>,
+    /// Modbus RTU: 5 to 8 (default 8).
+    pub data_bits: Option<Spanned<u8>>,
+    /// Modbus RTU: 1 or 2 (default 1).
+    pub stop_bits: Option<Spanned<u8>>,
     #[serde(default, rename = "attribute")]
     pub attributes: Vec<AttributeSection>,
 }
@@ -209,6 +219,15 @@ string_enum! {
         F64 = "f64",
         Bool = "bool",
         String = "string",
+    }
+}
+
+string_enum! {
+    /// `parity` of a serial line.
+    ParityName {
+        None = "none",
+        Even = "even",
+        Odd = "odd",
     }
 }
 

@@ -87,7 +87,9 @@ impl DeviceConfig {
     /// Whether the device has attributes written from MQTT.
     pub fn has_writes(&self) -> bool {
         match &self.settings {
-            DeviceSettings::ModbusTcp { modbus, .. } => modbus.attributes.iter().any(|a| a.writable),
+            DeviceSettings::ModbusTcp { modbus, .. } | DeviceSettings::ModbusRtu { modbus, .. } => {
+                modbus.attributes.iter().any(|a| a.writable)
+            }
             DeviceSettings::System { .. } => false,
         }
     }
@@ -110,6 +112,8 @@ pub enum DeviceSettings {
     System { disks: Vec<(String, PathBuf)> },
     /// A Modbus TCP device.
     ModbusTcp { address: SocketAddr, modbus: adapters::modbus::ModbusConfig },
+    /// A Modbus RTU device on a serial line.
+    ModbusRtu { serial: adapters::modbus::SerialSettings, modbus: adapters::modbus::ModbusConfig },
 }
 
 /// A config that was refused, with every reason.

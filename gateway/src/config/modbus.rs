@@ -7,10 +7,14 @@ use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::Duration;
 
-use adapters::modbus::{AttributeSpec, ByteOrder, DataType, ModbusConfig, Table, WordOrder};
+use adapters::modbus::{
+    AttributeSpec, ByteOrder, DataType, ModbusConfig, Parity, SerialSettings, Table, WordOrder,
+};
 use toml::Spanned;
 
-use super::file::{AttributeSection, DeviceSection, OrderName, ProfileSection, TableName, TypeName};
+use super::file::{
+    AttributeSection, DeviceSection, OrderName, ParityName, ProfileSection, TableName, TypeName,
+};
 use super::{DeviceSettings, Diagnostic};
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -46,6 +50,11 @@ pub fn refuse_device_keys(d: &DeviceSection, kind: &str, diags: &mut Vec<Diagnos
         ("retries", d.retries.as_ref().map(Spanned::span)),
         ("max_gap", d.max_gap.as_ref().map(Spanned::span)),
         ("profile", d.profile.as_ref().map(Spanned::span)),
+        ("port", d.port.as_ref().map(Spanned::span)),
+        ("baud", d.baud.as_ref().map(Spanned::span)),
+        ("parity", d.parity.as_ref().map(Spanned::span)),
+        ("data_bits", d.data_bits.as_ref().map(Spanned::span)),
+        ("stop_bits", d.stop_bits.as_ref().map(Spanned::span)),
     ];
     for (key, span) in keys {
         if let Some(span) = span {
@@ -98,6 +107,83 @@ pub fn resolve_tcp(
             None
         }
     };
+    for (key, span) in [
+        ("port", d.port.as_ref().map(Spanned::span)),
+        ("baud", d.baud.as_ref().map(Spanned::span)),
+        ("parity", d.parity.as_ref().map(Spanned::span)),
+    ] {
+        if let Some(span) = span {
+            diags.push(Diagnostic::at(
+                span,
+                format!("`{key}` is for modbus-rtu devices (a modbus-tcp device has an address)"),
+            ));
+        }
+    }
+    let modbus = resolve_common(d, profiles, diags)?;
+    Some(DeviceSettings::ModbusTcp { address: addr?, modbus })
+}
+
+/// Resolves a `modbus-rtu` device; `ports` holds the settings each serial
+/// port was first given, so every device on a port agrees.
+pub fn resolve_rtu(
+    d: &DeviceSection,
+    profiles: &HashMap<&str, &ProfileSection>,
+    ports: &mut HashMap<String, SerialSettings>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<DeviceSettings> {
+    if let Some(disks) = &d.disks {
+        diags.push(Diagnostic::at(disks.span(), "`disks` is for the system device"));
+    }
+    if let Some(address) = &d.address {
+        diags.push(Diagnostic::at(
+            address.span(),
+            "`address` is for modbus-tcp devices (a modbus-rtu device has a port)",
+        ));
+    }
+    let Some(port) = &d.port else {
+        diags.push(Diagnostic::at(
+            d.kind.span(),
+            "a modbus-rtu device needs port = \"/dev/ttyUSB0\" (or a /dev/serial/by-id/ path)",
+        ));
+        return None;
+    };
+    let baud = d.baud.as_ref().map_or(9600, |b| *b.get_ref());
+    if let Some(b) = d.baud.as_ref().filter(|b| *b.get_ref() == 0) {
+        diags.push(Diagnostic::at(b.span(), "baud must be more than 0"));
+    }
+    let data_bits = d.data_bits.as_ref().map_or(8, |b| *b.get_ref());
+    if let Some(b) = d.data_bits.as_ref().filter(|b| !(5..=8).contains(b.get_ref())) {
+        diags.push(Diagnostic::at(b.span(), "data_bits must be 5 to 8"));
+    }
+    let stop_bits = d.stop_bits.as_ref().map_or(1, |b| *b.get_ref());
+    if let Some(b) = d.stop_bits.as_ref().filter(|b| !(1..=2).contains(b.get_ref())) {
+        diags.push(Diagnostic::at(b.span(), "stop_bits must be 1 or 2"));
+    }
+    let parity = match d.parity.as_ref().map(|p| *p.get_ref()) {
+        None | Some(ParityName::None) => Parity::None,
+        Some(ParityName::Even) => Parity::Even,
+        Some(ParityName::Odd) => Parity::Odd,
+    };
+    let serial = SerialSettings { port: port.get_ref().clone(), baud, parity, data_bits, stop_bits };
+    match ports.get(port.get_ref()) {
+        Some(first) if *first != serial => diags.push(Diagnostic::at(
+            port.span(),
+            format!("another device on {} sets baud, parity, data or stop bits otherwise: one bus has one setting", port.get_ref()),
+        )),
+        Some(_) => {}
+        None => {
+            ports.insert(port.get_ref().clone(), serial.clone());
+        }
+    }
+    let modbus = resolve_common(d, profiles, diags)?;
+    Some(DeviceSettings::ModbusRtu { serial, modbus })
+}
+
+fn resolve_common(
+    d: &DeviceSection,
+    profiles: &HashMap<&str, &ProfileSection>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<ModbusConfig> {
     let unit = d.unit_id.as_ref().map_or(1, |u| {
         if *u.get_ref() > 247 {
             diags.push(Diagnostic::at(u.span(), "unit_id must be 0 to 247"));
@@ -106,15 +192,14 @@ pub fn resolve_tcp(
     });
     let timeout = d.timeout.as_ref().map_or(DEFAULT_TIMEOUT, |t| t.get_ref().0);
     let attributes = resolve_attributes(d, profiles, diags)?;
-    let modbus = ModbusConfig {
+    Some(ModbusConfig {
         node: d.name.get_ref().clone(),
         unit,
         attributes,
         timeout,
         retries: d.retries.as_ref().map_or(DEFAULT_RETRIES, |r| *r.get_ref()),
         max_gap: d.max_gap.as_ref().map_or(DEFAULT_MAX_GAP, |g| *g.get_ref()),
-    };
-    Some(DeviceSettings::ModbusTcp { address: addr?, modbus })
+    })
 }
 
 /// The profile's attributes, then the device's own.

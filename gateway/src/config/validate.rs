@@ -75,6 +75,7 @@ pub fn resolve(
         }
     }
     let mut names = BTreeSet::new();
+    let mut ports = HashMap::new();
     let mut devices = Vec::with_capacity(file.devices.len());
     for section in &file.devices {
         if !names.insert(section.name.get_ref().as_str()) {
@@ -89,7 +90,7 @@ pub fn resolve(
         if touched(section.name.span().start) {
             continue;
         }
-        if let Some(device) = resolve_device(section, source, &profiles, diags) {
+        if let Some(device) = resolve_device(section, source, &profiles, &mut ports, diags) {
             devices.push(device);
         }
     }
@@ -155,6 +156,7 @@ fn resolve_device(
     d: &DeviceSection,
     source: &ConfigSource,
     profiles: &HashMap<&str, &ProfileSection>,
+    ports: &mut HashMap<String, adapters::modbus::SerialSettings>,
     diags: &mut Vec<Diagnostic>,
 ) -> Option<DeviceConfig> {
     let errors_before = diags.len();
@@ -182,11 +184,12 @@ fn resolve_device(
             DeviceSettings::System { disks }
         }
         DeviceKind::ModbusTcp => modbus::resolve_tcp(d, profiles, diags)?,
+        DeviceKind::ModbusRtu => modbus::resolve_rtu(d, profiles, ports, diags)?,
         other => {
             diags.push(Diagnostic::at(
                 d.kind.span(),
                 format!(
-                    "device kind `{}` is not available in this version of fieldmq yet; available: system, modbus-tcp",
+                    "device kind `{}` is not available in this version of fieldmq yet; available: system, modbus-tcp, modbus-rtu",
                     other.as_str()
                 ),
             ));
