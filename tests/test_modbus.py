@@ -453,3 +453,10 @@ retries = 0
     # pymodbus releases send for an unknown unit); the meter on the same
     # bus kept publishing.
     assert got["fieldmq/gw/ghost/status"][-1].startswith("error: "), got["fieldmq/gw/ghost/status"]
+
+
+def test_modbus_read_over_rtu(cli, rtu_line):
+    r = cli("modbus", "read", "--rtu", rtu_line, "--register", "0", "--count", "2", "--type", "u16")
+    assert r.code == 0, r.err
+    assert r.out.splitlines()[0] == f"holding 0..2 from unit 1 at {rtu_line} 9600 8N1"
+    assert "0x04D2    1234" in r.out  # register 0 holds 1234

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use adapters::modbus::{
-    AttributeSpec, ByteOrder, DataType, ReadRequest, Response, Table, TcpLink, WordOrder,
+    AttributeSpec, ByteOrder, DataType, Parity, ReadRequest, Response, RtuBus, SerialSettings, Table,
+    TcpLink, WordOrder,
 };
 use clap::{Args, ValueEnum};
 
@@ -17,9 +18,12 @@ pub struct ReadArgs {
     /// A Modbus TCP server (or TCP-to-RTU gateway), HOST:PORT.
     #[arg(long, value_name = "HOST:PORT", required_unless_present = "rtu")]
     tcp: Option<String>,
-    /// A serial port (Modbus RTU).
+    /// A serial port (Modbus RTU, 8 data bits, no parity, 1 stop bit).
     #[arg(long, value_name = "PORT", conflicts_with = "tcp")]
     rtu: Option<String>,
+    /// The serial line's speed, with --rtu.
+    #[arg(long, default_value_t = 9600)]
+    baud: u32,
     /// The unit (slave) id.
     #[arg(long, default_value_t = 1)]
     unit: u8,
@@ -64,6 +68,11 @@ enum CliType {
     String,
 }
 
+enum Target {
+    Tcp(SocketAddr),
+    Rtu(SerialSettings),
+}
+
 const ORDERS: [(&str, WordOrder, ByteOrder); 4] = [
     ("ABCD", WordOrder::Big, ByteOrder::Big),
     ("CDAB", WordOrder::Little, ByteOrder::Big),
@@ -73,17 +82,22 @@ const ORDERS: [(&str, WordOrder, ByteOrder); 4] = [
 
 /// Runs `fieldmq modbus read`; exit 0 with the answer, 1 if the device failed.
 pub fn read(args: ReadArgs) -> ExitCode {
-    if args.rtu.is_some() {
-        eprintln!("error: --rtu is not available in this version of fieldmq yet; use --tcp");
-        return ExitCode::from(2);
-    }
-    let Some(target) = args.tcp.as_deref() else { return ExitCode::from(2) };
-    let addr: SocketAddr = match target.to_socket_addrs().map(|mut a| a.next()) {
-        Ok(Some(addr)) => addr,
-        _ => {
-            eprintln!("error: `{target}` is not a host:port");
-            return ExitCode::from(2);
-        }
+    let link = match (&args.tcp, &args.rtu) {
+        (Some(target), _) => match target.to_socket_addrs().map(|mut a| a.next()) {
+            Ok(Some(addr)) => Target::Tcp(addr),
+            _ => {
+                eprintln!("error: `{target}` is not a host:port");
+                return ExitCode::from(2);
+            }
+        },
+        (None, Some(port)) => Target::Rtu(SerialSettings {
+            port: port.clone(),
+            baud: args.baud,
+            parity: Parity::None,
+            data_bits: 8,
+            stop_bits: 1,
+        }),
+        (None, None) => return ExitCode::from(2),
     };
     let table = match args.table {
         CliTable::Holding => Table::Holding,
@@ -99,11 +113,20 @@ pub fn read(args: ReadArgs) -> ExitCode {
         }
     };
     let request = ReadRequest { table, start: args.register, count: args.count, attributes: vec![] };
-    let link = TcpLink::new(addr);
-    let answer = runtime.block_on(link.read(args.unit, &request, args.timeout));
+    let (answer, at) = runtime.block_on(async {
+        match link {
+            Target::Tcp(addr) => {
+                (TcpLink::new(addr).read(args.unit, &request, args.timeout).await, addr.to_string())
+            }
+            Target::Rtu(serial) => {
+                let at = format!("{} {} 8N1", serial.port, serial.baud);
+                (RtuBus::spawn(serial).read(args.unit, &request, args.timeout).await, at)
+            }
+        }
+    });
     let end = u32::from(args.register) + u32::from(args.count);
     println!(
-        "{} {}..{} from unit {} at {addr}",
+        "{} {}..{} from unit {} at {at}",
         format!("{table:?}").to_lowercase(),
         args.register,
         end,
