@@ -1,7 +1,7 @@
 """A Modbus server for the tests: pymodbus, started as its own process.
 
 Usage: python modbus_server.py PORT SPEC.json      (TCP on 127.0.0.1:PORT, any unit id)
-       python modbus_server.py /dev/pts/N SPEC.json  (RTU at 9600 8N1, unit 1 only)
+       python modbus_server.py /dev/pts/N SPEC.json [UNITS [BAUD]]  (RTU, units 1..UNITS, default 1; 9600 baud)
 SPEC: {"holding": {"0": 1234, ...}, "input": {...}, "coil": {"0": true}, "discrete": {...}}
 with 0-based addresses as on the wire. Registers 0..299 (bits 0..99) exist;
 anything beyond answers exception 02 (illegal data address). Prints "ready"
@@ -34,10 +34,12 @@ def main():
         di=block({k: int(v) for k, v in spec.get("discrete", {}).items()}, 100),
     )
     if where.startswith("/"):
-        # Unit 1 only: a request for another unit finds nobody.
-        context = ModbusServerContext(slaves={1: store}, single=False)
+        # Units 1..UNITS only: a request for another unit finds nobody.
+        units = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+        context = ModbusServerContext(slaves={u: store for u in range(1, units + 1)}, single=False)
         print("ready", flush=True)
-        StartSerialServer(context=context, framer=FramerType.RTU, port=where, baudrate=9600)
+        baud = int(sys.argv[4]) if len(sys.argv) > 4 else 9600
+        StartSerialServer(context=context, framer=FramerType.RTU, port=where, baudrate=baud)
     else:
         context = ModbusServerContext(slaves=store, single=True)
         print("ready", flush=True)
