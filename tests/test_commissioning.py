@@ -47,7 +47,7 @@ def test_check_reports_three_distinct_mistakes_at_once_and_exits_2(cli, write_co
         f"error: {path}:7:8: invalid type: boolean `true`, expected a duration like \"250ms\", \"5s\" or \"2m\"",
         f"error: {path}:8:1: unknown field `pol`, expected one of `name`, `kind`, `poll`, `topic`, `format`, "
         "`publish`, `heartbeat`, `disks`, `address`, `unit_id`, `timeout`, `retries`, `max_gap`, `profile`, "
-        "`attribute`",
+        "`port`, `baud`, `parity`, `data_bits`, `stop_bits`, `attribute`",
         f"error: {path}:13:8: invalid value: string \"5 parsecs\", expected a duration like \"250ms\", \"5s\" or \"2m\"",
     ]
     # The offending text is shown, underlined.

@@ -71,7 +71,7 @@ poll = \"5 seconds\"
         first_lines(errors.clone()),
         [
             "/etc/fieldmq/t.toml:7:8: invalid type: integer `5`, expected a duration like \"250ms\", \"5s\" or \"2m\"",
-            "/etc/fieldmq/t.toml:9:1: unknown field `heartbeat_interval`, expected one of `name`, `kind`, `poll`, `topic`, `format`, `publish`, `heartbeat`, `disks`, `address`, `unit_id`, `timeout`, `retries`, `max_gap`, `profile`, `attribute`",
+            "/etc/fieldmq/t.toml:9:1: unknown field `heartbeat_interval`, expected one of `name`, `kind`, `poll`, `topic`, `format`, `publish`, `heartbeat`, `disks`, `address`, `unit_id`, `timeout`, `retries`, `max_gap`, `profile`, `port`, `baud`, `parity`, `data_bits`, `stop_bits`, `attribute`",
             "/etc/fieldmq/t.toml:14:8: invalid value: string \"5 seconds\", expected a duration like \"250ms\", \"5s\" or \"2m\"",
         ]
     );
@@ -122,7 +122,7 @@ topic = \"t/{attribute}\"
             "/etc/fieldmq/t.toml:6:11: invalid listen address `localhost:1883`, expected IP:PORT like \"0.0.0.0:1883\" or \"[::]:1883\"",
             "/etc/fieldmq/t.toml:11:9: unknown placeholder `{nod}`, expected {gateway}, {node}, {attribute} or {kind}",
             "/etc/fieldmq/t.toml:14:8: a device named `a` is already defined: device names must be unique",
-            "/etc/fieldmq/t.toml:15:8: device kind `ble` is not available in this version of fieldmq yet; available: system, modbus-tcp",
+            "/etc/fieldmq/t.toml:15:8: device kind `ble` is not available in this version of fieldmq yet; available: system, modbus-tcp, modbus-rtu",
             "/etc/fieldmq/t.toml:22:13: heartbeat (5s) must be at least the poll period (10s)",
             "/etc/fieldmq/t.toml:24:10: a system device has no attribute `voltage`; it has: cpu_temp, load_1m, load_5m, load_15m, mem_used, mem_available, disk_free, uptime, process_rss",
             "/etc/fieldmq/t.toml:25:14: deadband must be a finite number >= 0",
