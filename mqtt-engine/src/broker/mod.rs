@@ -262,6 +262,9 @@ impl Broker {
             return;
         }
         mailbox.set_online(false);
+        // QoS 0 routed while the client was still here, and not sent, is
+        // not kept for its return (MQTT 4.4: only QoS 1/2 are queued).
+        mailbox.drop_qos0();
         if let Some(entry) = router.sessions.get_mut(&client) {
             entry.kick = None;
             entry.expiry = ending.session_expiry;

@@ -129,6 +129,12 @@ impl Mailbox {
         self.lock().iter().cloned().collect()
     }
 
+    /// Drops the QoS 0 deliveries still waiting: they were for a connection
+    /// that is gone, and QoS 0 is not kept for an absent client.
+    pub fn drop_qos0(&self) {
+        self.lock().retain(|d| d.qos != QoS::AtMostOnce);
+    }
+
     /// Empties the mailbox.
     pub fn clear(&self) {
         self.lock().clear();
@@ -230,6 +236,16 @@ mod tests {
         assert!(m.push("c", delivery()));
         assert!(!m.push("c", delivery()));
         assert_eq!((m.len(), m.dropped()), (2, 1));
+    }
+
+    #[test]
+    fn going_away_drops_waiting_qos0_but_keeps_qos1() {
+        let m = Mailbox::new(10);
+        m.push("c", delivery());
+        m.push("c", Delivery { qos: QoS::AtMostOnce, ..delivery() });
+        m.drop_qos0();
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.pop().unwrap().qos, QoS::AtLeastOnce);
     }
 
     #[test]
