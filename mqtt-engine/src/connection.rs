@@ -179,10 +179,15 @@ impl<W: AsyncWrite + Unpin> PacketWriter<W> {
         Ok(())
     }
 
-    /// Flushes, then shuts the stream down.
+    /// Flushes, then shuts the stream down; gives up after a second (a peer
+    /// that does not read must not hold the connection's task).
     pub async fn close(&mut self) {
-        let _ = self.flush().await;
-        let _ = self.stream.shutdown().await;
+        let limit = std::time::Duration::from_secs(1);
+        let _ = tokio::time::timeout(limit, async {
+            let _ = self.flush().await;
+            let _ = self.stream.shutdown().await;
+        })
+        .await;
     }
 }
 

@@ -21,6 +21,9 @@ use crate::connection::{ConnectionError, PacketReader, PacketWriter};
 use crate::packet::*;
 use crate::{QoS, TopicFilter, TopicName};
 
+/// How long a write to a client may block before the client counts as gone.
+const WRITE_LIMIT: Duration = Duration::from_secs(30);
+
 /// Serves one client on `stream` until it leaves, fails or the broker stops.
 pub async fn serve_client<S>(stream: S, broker: Broker, peer: String)
 where
@@ -238,22 +241,36 @@ impl<W: AsyncWrite + Unpin> Client<W> {
         for (id, outgoing) in inflight {
             match outgoing {
                 Outgoing::Published(delivery) => {
-                    self.send_publish(id, &delivery, true);
+                    // Too large for the client now: it counts as delivered
+                    // (MQTT-3.1.2-25), not as in flight for ever.
+                    if !self.send_publish(id, &delivery, true) {
+                        claim.state.outgoing.remove(&id);
+                    }
                 }
                 Outgoing::Released => self.writer.queue(&Packet::Pubrel(Ack::ok(id))),
             }
         }
         let shutdown = self.broker.shutdown_token();
         let grace = Duration::from_millis(u64::from(self.keep_alive) * 1500);
+        let write_limit = if self.keep_alive == 0 { WRITE_LIMIT } else { grace.min(WRITE_LIMIT) };
         let mut deadline = Instant::now() + grace;
         let exit = loop {
             self.pump(&mut claim);
             // Answers to a burst of packets go out in one write, once no
             // whole packet is left to read.
             if !reader.has_complete_packet() || self.writer.pending() > 64 * 1024 {
-                if let Err(e) = self.writer.flush().await {
-                    tracing::debug!(client = %self.client_id, error = %e, "write failed");
-                    break Exit::Abnormal(None);
+                // A client that stops reading must not hold its task (and
+                // its session, and a takeover, and shutdown) forever.
+                match tokio::time::timeout(write_limit, self.writer.flush()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(client = %self.client_id, error = %e, "write failed");
+                        break Exit::Abnormal(None);
+                    }
+                    Err(_) => {
+                        tracing::info!(client = %self.client_id, "client stopped reading; closing");
+                        break Exit::Abnormal(None);
+                    }
                 }
             }
             let keepalive = async {
@@ -539,24 +556,30 @@ impl<W: AsyncWrite + Unpin> Client<W> {
             payload: envelope.payload.clone(),
             properties,
         };
-        if self.client_max_packet != usize::MAX {
-            let size = self.writer.encoded_len(&Packet::Publish(publish.clone()));
-            if size > self.client_max_packet {
-                tracing::debug!(client = %self.client_id, size, "message larger than the client's maximum packet size dropped");
-                return false;
-            }
-        }
-        // Topic aliases towards the client, within its Topic Alias Maximum;
-        // set only once the packet is sure to go out.
+        // Topic aliases towards the client, within its Topic Alias Maximum.
+        // A new alias is recorded only once the packet is sure to go out,
+        // so the client never meets an alias it was not given.
+        let mut new_alias = None;
         if self.outbound_alias_max > 0 {
             if let Some(alias) = self.outbound_aliases.get(&publish.topic) {
                 publish.properties.topic_alias = Some(*alias);
                 publish.topic.clear();
             } else if self.outbound_aliases.len() < usize::from(self.outbound_alias_max) {
                 let alias = self.outbound_aliases.len() as u16 + 1;
-                self.outbound_aliases.insert(publish.topic.clone(), alias);
                 publish.properties.topic_alias = Some(alias);
+                new_alias = Some(alias);
             }
+        }
+        if self.client_max_packet != usize::MAX {
+            // Measured as it will be sent, alias included.
+            let size = self.writer.encoded_len(&Packet::Publish(publish.clone()));
+            if size > self.client_max_packet {
+                tracing::debug!(client = %self.client_id, size, "message larger than the client's maximum packet size dropped");
+                return false;
+            }
+        }
+        if let Some(alias) = new_alias {
+            self.outbound_aliases.insert(publish.topic.clone(), alias);
         }
         self.writer.queue(&Packet::Publish(publish));
         true

@@ -226,6 +226,8 @@ impl Broker {
             entry.generation = generation;
             entry.taken_over_clean = clean_start;
             entry.offline_since = None;
+            // Back before its will's delay: the will is not sent.
+            entry.pending_will = None;
             (entry.state.clone(), entry.mailbox.clone(), existed, generation)
         };
         // Waits for a connection that was kicked to let go of the state.
@@ -291,17 +293,17 @@ impl Broker {
         if let (Some(will), Some(delay)) = (ending.will, will_delay) {
             // MQTT-3.1.3-9: the will goes when its delay passes or the
             // session ends, whichever is first, unless the client is back.
-            let delay = expiry.map_or(delay, |e| delay.min(e));
-            if delay.is_zero() {
+            if delay.is_zero() || expiry.is_some_and(|e| e.is_zero()) {
                 self.publish_will(&client, will);
             } else {
+                if let Some(entry) = self.router().sessions.get_mut(&client) {
+                    entry.pending_will = Some(will);
+                }
                 let broker = self.clone();
                 let client = client.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    if broker.generation_is(&client, generation) {
-                        broker.publish_will(&client, will);
-                    }
+                    broker.publish_pending_will(&client, generation);
                 });
             }
         }
@@ -314,8 +316,19 @@ impl Broker {
         }
     }
 
-    fn generation_is(&self, client: &str, generation: u64) -> bool {
-        self.router().sessions.get(client).is_some_and(|e| e.generation == generation)
+    /// Publishes the will a session left, if it is still pending.
+    fn publish_pending_will(&self, client: &str, generation: u64) {
+        let will = {
+            let mut router = self.router();
+            router
+                .sessions
+                .get_mut(client)
+                .filter(|e| e.generation == generation)
+                .and_then(|e| e.pending_will.take())
+        };
+        if let Some(will) = will {
+            self.publish_will(client, will);
+        }
     }
 
     /// Ends a session whose expiry interval passed while it was away.
@@ -329,8 +342,13 @@ impl Broker {
         // it, the generation check above already returned.
         let Ok(state) = entry.state.clone().try_lock_owned() else { return };
         router.remove_subscriptions(client, &state);
-        router.sessions.remove(client);
+        let will = router.sessions.remove(client).and_then(|e| e.pending_will);
+        drop(router);
         tracing::debug!(client, "session expired");
+        // The session ended before its will's delay: the will goes now.
+        if let Some(will) = will {
+            self.publish_will(client, will);
+        }
     }
 
     fn publish_will(&self, client: &str, will: Will) {

@@ -38,6 +38,9 @@ pub struct SessionEntry {
     pub expiry: u32,
     /// When the session was released, while it is offline.
     pub offline_since: Option<std::time::SystemTime>,
+    /// A will waiting for its delay; published by the will timer or, if the
+    /// session ends first, by its expiry (MQTT-3.1.3-9).
+    pub pending_will: Option<crate::packet::Will>,
 }
 
 impl SessionEntry {
@@ -52,6 +55,7 @@ impl SessionEntry {
             subscriptions: HashMap::new(),
             expiry: 0,
             offline_since: None,
+            pending_will: None,
         }
     }
 }
