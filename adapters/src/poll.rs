@@ -55,6 +55,8 @@ pub async fn run_polled(
             _ = ticker.tick() => {}
             write = writes.recv(), if writes_open => {
                 match write {
+                    // The caller gave up waiting: the write is not made late.
+                    Some(w) if w.reply.is_closed() => {}
                     Some(w) => {
                         let result = match timeout(schedule.limit, device.write(&w.attribute, &w.value)).await {
                             Ok(result) => result,

@@ -44,7 +44,8 @@ pub async fn serve_writes(
         tracing::error!(device = %name, "no command topic for this device");
         return;
     };
-    let mut commands = broker.subscribe(filter, 64);
+    // Live only: a retained command must not be written again at every start.
+    let mut commands = broker.subscribe_live(filter, 64);
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => return,

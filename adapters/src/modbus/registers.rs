@@ -216,9 +216,12 @@ impl AttributeSpec {
             return Err("not a finite number".into());
         }
         let raw = (value - self.offset) / self.scale;
+        if !raw.is_finite() {
+            return Err(format!("{value} cannot be written (out of range after scale and offset)"));
+        }
         let int = |min: f64, max: f64| -> Result<i128, String> {
             let r = raw.round();
-            if (raw - r).abs() > 1e-6 * raw.abs().max(1.0) {
+            if (raw - r).abs() > 1e-6 {
                 return Err(format!("{value} is not a whole number of steps of {}", self.scale));
             }
             if r < min || r > max {
@@ -233,6 +236,9 @@ impl AttributeSpec {
             DataType::I32 => (int(-2_147_483_648.0, 2_147_483_647.0)? as i32).to_be_bytes().to_vec(),
             DataType::U64 => (int(0.0, 1.8e19)? as u64).to_be_bytes().to_vec(),
             DataType::I64 => (int(-9.2e18, 9.2e18)? as i64).to_be_bytes().to_vec(),
+            DataType::F32 if raw.abs() > f64::from(f32::MAX) => {
+                return Err(format!("{value} is out of range for F32"))
+            }
             DataType::F32 => (raw as f32).to_be_bytes().to_vec(),
             DataType::F64 => raw.to_be_bytes().to_vec(),
             DataType::Bool | DataType::String => return Err("not a numeric attribute".into()),
@@ -373,6 +379,17 @@ mod tests {
         assert!(i16.encode_registers(40000.0).unwrap_err().contains("out of range"));
         assert!(i16.encode_registers(1.5).unwrap_err().contains("whole number"));
         assert!(i16.encode_registers(f64::NAN).is_err());
+        // Found in review: a fractional step of a large value is refused,
+        // not rounded; a value beyond f32 does not become infinity.
+        let u32 = spec(DataType::U32, WordOrder::Big, ByteOrder::Big);
+        assert!(u32.encode_registers(600_000.5).unwrap_err().contains("whole number"));
+        assert!(spec(DataType::F32, WordOrder::Big, ByteOrder::Big)
+            .encode_registers(1e39)
+            .unwrap_err()
+            .contains("out of range"));
+        let mut nan_offset = i16.clone();
+        nan_offset.offset = f64::NAN;
+        assert!(nan_offset.encode_registers(1.0).is_err(), "a NaN offset must not write 0");
         for (w, b, regs) in ORDERS {
             assert_eq!(
                 spec(DataType::U32, w, b).encode_registers(f64::from(0xAABB_CCDDu32)),

@@ -5,8 +5,9 @@
 //! order, keeping the inter-frame silence of 3.5 characters (at least
 //! 1.75 ms above 19,200 baud, as the specification allows). A unit that
 //! does not answer costs its own timeout and no more: the next device's
-//! request goes right after. After a timeout the port is opened afresh, so
-//! a late answer cannot be mistaken for the next request's.
+//! request goes right after. After a timeout the bus stays quiet for a
+//! guard time and the port is opened afresh with its input cleared, so a
+//! late answer cannot be mistaken for the next request's.
 
 use std::time::Duration;
 
@@ -60,6 +61,9 @@ impl SerialSettings {
         Duration::from_secs_f64(3.5 * f64::from(self.bits_per_char()) / f64::from(self.baud.max(1)))
     }
 }
+
+/// How long the bus stays quiet after a timeout, for a late answer to end.
+const LATE_ANSWER_GUARD: Duration = Duration::from_millis(100);
 
 enum Op {
     Read(ReadRequest),
@@ -129,6 +133,10 @@ async fn run_bus(settings: SerialSettings, mut requests: mpsc::Receiver<BusReque
     let mut quiet_until = Instant::now();
     let mut retry_at: Option<Instant> = None;
     while let Some(request) = requests.recv().await {
+        if request.reply.is_closed() {
+            // Its poll or write gave up waiting: nothing goes on the bus.
+            continue;
+        }
         if context.is_none() {
             if retry_at.is_some_and(|at| at > Instant::now()) {
                 let _ = request.reply.send(Err(ReadError {
@@ -208,7 +216,11 @@ async fn run_bus(settings: SerialSettings, mut requests: mpsc::Receiver<BusReque
                 Err(ReadError { error: DeviceError::new(format!("{e} {what}")), retryable: true })
             }
             Err(_) => {
+                // A late answer may still come: wait it out; the reopened
+                // port starts with its input cleared, so it cannot be taken
+                // for the next unit's answer.
                 context = None;
+                quiet_until = Instant::now() + LATE_ANSWER_GUARD.max(settings.frame_gap());
                 Err(ReadError {
                     error: DeviceError::new(format!(
                         "no answer within {}ms {what}",
@@ -242,6 +254,7 @@ fn open(settings: &SerialSettings) -> std::io::Result<Context> {
         .data_bits(data_bits)
         .stop_bits(stop_bits)
         .open_native_async()?;
+    tokio_serial::SerialPort::clear(&port, tokio_serial::ClearBuffer::Input)?;
     Ok(rtu::attach(port))
 }
 

@@ -164,6 +164,12 @@ pub fn resolve_rtu(
         Some(ParityName::Even) => Parity::Even,
         Some(ParityName::Odd) => Parity::Odd,
     };
+    if let Some(u) = d.unit_id.as_ref().filter(|u| *u.get_ref() == 0) {
+        diags.push(Diagnostic::at(
+            u.span(),
+            "unit_id 0 is the broadcast address on RTU: every slave would act, none answer",
+        ));
+    }
     let serial = SerialSettings { port: port.get_ref().clone(), baud, parity, data_bits, stop_bits };
     match ports.get(port.get_ref()) {
         Some(first) if *first != serial => diags.push(Diagnostic::at(
@@ -333,6 +339,11 @@ fn resolve_attribute(a: &AttributeSection, diags: &mut Vec<Diagnostic>) -> Optio
     if let Some(s) = &a.scale {
         if !scale.is_finite() || scale == 0.0 {
             diags.push(Diagnostic::at(s.span(), "scale must be a finite, non-zero number"));
+        }
+    }
+    for number in [&a.offset, &a.min, &a.max].into_iter().flatten() {
+        if !number.get_ref().is_finite() {
+            diags.push(Diagnostic::at(number.span(), "must be a finite number"));
         }
     }
     let order = |o: &Option<Spanned<OrderName>>| o.as_ref().map(|o| *o.get_ref() == OrderName::Little);

@@ -325,3 +325,26 @@ address = \"127.0.0.1:502\"
         ]
     );
 }
+
+#[test]
+fn review_findings_in_modbus_config_are_refused() {
+    let text = "\
+[[device]]
+name = \"m\"
+kind = \"modbus-rtu\"
+port = \"/dev/ttyUSB0\"
+unit_id = 0
+  [[device.attribute]]
+  name = \"a\"
+  table = \"holding\"
+  register = 0
+  offset = nan
+";
+    assert_eq!(
+        first_lines(errors(text)),
+        [
+            "/etc/fieldmq/t.toml:5:11: unit_id 0 is the broadcast address on RTU: every slave would act, none answer",
+            "/etc/fieldmq/t.toml:10:12: must be a finite number",
+        ]
+    );
+}

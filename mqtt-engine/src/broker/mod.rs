@@ -188,7 +188,16 @@ impl Broker {
     /// retained messages it matches come first.
     pub fn subscribe(&self, filter: TopicFilter, capacity: usize) -> Subscription {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        self.router().subscribe_internal(filter, tx);
+        self.router().subscribe_internal(filter, tx, true);
+        Subscription::new(rx)
+    }
+
+    /// Subscribes in-process to what is published from now on, without the
+    /// retained messages: for commands, where an old retained value must not
+    /// be acted on again at every start.
+    pub fn subscribe_live(&self, filter: TopicFilter, capacity: usize) -> Subscription {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.router().subscribe_internal(filter, tx, false);
         Subscription::new(rx)
     }
 

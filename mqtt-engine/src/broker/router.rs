@@ -222,8 +222,14 @@ impl Router {
 
     /// Adds an in-process subscriber; the retained messages it matches are
     /// queued first.
-    pub fn subscribe_internal(&mut self, filter: TopicFilter, tx: mpsc::Sender<Message>) {
-        for envelope in self.retained.values().filter(|e| filter.matches(&e.topic) && !e.expired()) {
+    pub fn subscribe_internal(
+        &mut self,
+        filter: TopicFilter,
+        tx: mpsc::Sender<Message>,
+        with_retained: bool,
+    ) {
+        let retained = self.retained.values().filter(|_| with_retained);
+        for envelope in retained.filter(|e| filter.matches(&e.topic) && !e.expired()) {
             let _ = tx.try_send(Message {
                 topic: envelope.topic.clone(),
                 payload: envelope.payload.clone(),
@@ -416,6 +422,18 @@ mod tests {
         });
         r.route(clear);
         assert!(r.retained_matching(&filter).is_empty());
+    }
+
+    #[test]
+    fn a_live_subscription_gets_no_retained_replay() {
+        // Commands: a retained `set` must not be acted on again at start.
+        let mut r = Router::new();
+        r.route(envelope("dev/set/x", QoS::AtLeastOnce, true, None));
+        let (tx, mut rx) = mpsc::channel(4);
+        r.subscribe_internal(TopicFilter::new("dev/set/+").unwrap(), tx, false);
+        assert!(rx.try_recv().is_err());
+        r.route(envelope("dev/set/x", QoS::AtLeastOnce, false, None));
+        assert!(rx.try_recv().is_ok(), "live messages do arrive");
     }
 
     #[test]
