@@ -188,8 +188,16 @@ def test_a_will_delay_is_honoured_and_a_return_cancels_it(port):
 
 def test_a_persistent_session_queues_qos1_while_the_client_is_away(port):
     # MQTT-3.1.2-5 (3.1.1 clean session 0) and MQTT 4.4: queued, then delivered on return.
-    sub = Collector(port, client_id="away", clean=False, subscribe=[("q/#", 1)])
-    sub.stop()
+    # The client subscribes, then leaves: DISCONNECT, and the broker has
+    # closed the connection before anything is published (so the broker
+    # knows it is away, not merely reconnecting).
+    away = raw.Raw(port)
+    away.send(raw.connect("away", v5=False, clean=False))
+    away.expect(2)
+    away.send(raw.subscribe(1, [("q/#", 1)], v5=False))
+    away.expect(9)
+    away.send(raw.packet(0xE0, b""))
+    away.closed()
     pub = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv311)
     pub.connect("127.0.0.1", port)
     pub.loop_start()
