@@ -201,7 +201,8 @@ impl<W: AsyncWrite + Unpin> Client<W> {
                 return None;
             }
         }
-        let claim = self.broker.claim(self.client_id.clone(), self.connect.clean_start).await;
+        let claim =
+            self.broker.claim(self.client_id.clone(), self.connect.clean_start, self.session_expiry).await;
         let settings = self.broker.settings();
         let properties = if self.v5 {
             Properties {

@@ -220,20 +220,27 @@ impl Broker {
     }
 
     /// Claims the session of `client`, kicking a connection that holds it.
-    pub async fn claim(&self, client: Arc<str>, clean_start: bool) -> Claim {
+    pub async fn claim(&self, client: Arc<str>, clean_start: bool, session_expiry: u32) -> Claim {
         let (kick_tx, kicked) = oneshot::channel();
         let (state, mailbox, existed, generation) = {
             let mut router = self.router();
             let generation = router.next_generation();
             let capacity = self.shared.settings.max_queued;
             let entry = router.sessions.entry(client.clone()).or_insert_with(|| SessionEntry::new(capacity));
-            let existed = entry.generation != 0;
+            // A session held by a connection whose session ends with it (a
+            // clean session) is not resumed by a takeover: it was never
+            // going to outlive that connection.
+            let ends_with_holder = entry.kick.is_some() && entry.expiry == 0;
+            let existed = entry.generation != 0 && !ends_with_holder;
             if let Some(kick) = entry.kick.take() {
                 let _ = kick.send(ReasonCode::SESSION_TAKEN_OVER);
             }
             entry.kick = Some(kick_tx);
             entry.generation = generation;
-            entry.taken_over_clean = clean_start;
+            entry.taken_over_clean = clean_start || ends_with_holder;
+            // Known from the start, so a snapshot taken while the client is
+            // connected keeps only sessions meant to outlive the connection.
+            entry.expiry = session_expiry;
             entry.offline_since = None;
             // Back before its will's delay: the will is not sent.
             entry.pending_will = None;
@@ -241,8 +248,9 @@ impl Broker {
         };
         // Waits for a connection that was kicked to let go of the state.
         let mut state = state.lock_owned().await;
-        let session_present = existed && !clean_start;
-        if clean_start {
+        let fresh = clean_start || !existed;
+        let session_present = !fresh;
+        if fresh {
             // MQTT-3.1.2-4: a clean start discards the previous session.
             let mut router = self.router();
             router.remove_subscriptions(&client, &state);

@@ -126,7 +126,7 @@ impl Broker {
         let now = unix_now();
         // Sessions that end with their connection are not worth keeping.
         let sessions: Vec<(&Arc<str>, &SessionEntry)> =
-            router.sessions.iter().filter(|(_, e)| e.expiry != 0 || e.mailbox.is_online()).collect();
+            router.sessions.iter().filter(|(_, e)| e.expiry != 0).collect();
         buf.put_u32(sessions.len() as u32);
         for (client, entry) in sessions {
             put_str(&mut buf, client);
@@ -135,8 +135,6 @@ impl Broker {
                     let gone = since.elapsed().map_or(0, |d| d.as_secs());
                     entry.expiry.saturating_sub(gone.min(u64::from(u32::MAX)) as u32)
                 }
-                // Online: its expiry is not settled; keep it a day at most.
-                None if entry.expiry == 0 => 86_400,
                 _ => entry.expiry,
             };
             buf.put_u32(left);
@@ -279,7 +277,7 @@ mod tests {
         broker.publish(Message::new(TopicName::new("r/1").unwrap(), "kept").retained());
         // A persistent session with a subscription, released, then a QoS 1
         // message queued for it while it is away.
-        let mut claim = broker.claim(Arc::from("away"), false).await;
+        let mut claim = broker.claim(Arc::from("away"), false, 3600).await;
         let options = SubscriptionOptions { qos: QoS::AtLeastOnce, ..SubscriptionOptions::default() };
         broker.router().subscribe(&claim.client, "q/#", options, Some(4));
         claim.state.subscriptions.insert("q/#".into(), (options, Some(4)));
@@ -291,7 +289,7 @@ mod tests {
         assert_eq!(restored.restore(broker.snapshot()).unwrap(), (1, 1));
         let retained = restored.retained(&TopicName::new("r/1").unwrap()).unwrap();
         assert_eq!(retained.payload, "kept");
-        let claim = restored.claim(Arc::from("away"), false).await;
+        let claim = restored.claim(Arc::from("away"), false, 3600).await;
         assert!(claim.session_present);
         assert!(claim.state.incoming_qos2.contains(&77));
         let queued = claim.mailbox.pop().unwrap();
@@ -302,6 +300,23 @@ mod tests {
         // The subscription is live again: new messages reach the session.
         restored.publish(Message::new(TopicName::new("q/b").unwrap(), "new"));
         assert_eq!(claim.mailbox.pop().unwrap().envelope.payload, "new");
+    }
+
+    #[tokio::test]
+    async fn a_connected_clean_session_is_not_saved_and_a_takeover_of_it_starts_fresh() {
+        let broker = Broker::default();
+        let clean = broker.claim(Arc::from("clean"), true, 0).await;
+        broker.router().subscribe(&clean.client, "t/#", SubscriptionOptions::default(), None);
+        // Saved while connected: a session ending with its connection is not kept.
+        assert_eq!(Broker::default().restore(broker.snapshot()).unwrap(), (0, 0));
+        // A half-open clean connection taken over by a client asking to
+        // resume: there is no session to resume (review finding).
+        let takeover = broker.clone();
+        let new = tokio::spawn(async move { takeover.claim(Arc::from("clean"), false, 3600).await });
+        broker.release(clean, super::super::Ending { will: None, session_expiry: 0 });
+        let new = new.await.unwrap();
+        assert!(!new.session_present);
+        assert!(new.state.subscriptions.is_empty());
     }
 
     #[test]
