@@ -3,6 +3,7 @@
 //! - `registers.rs`: attributes, data types, word and byte orders; decoding
 //!   registers into values and values into registers.
 //! - `plan.rs`: request coalescing.
+//! - `ops.rs`: one request (read or write), made the same on either transport.
 //! - `tcp.rs`: shared TCP links with reconnect backoff.
 //! - `rtu.rs`: one bus task per serial port, serving all its devices.
 //!
@@ -14,6 +15,7 @@
 //! value against the type's range and the attribute's `min`/`max`: a
 //! malformed or out-of-range value writes nothing.
 
+mod ops;
 mod plan;
 mod registers;
 mod rtu;

@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep_until, timeout, Instant};
-use tokio_modbus::client::{rtu, Context, Reader, Writer};
+use tokio_modbus::client::{rtu, Context};
 use tokio_modbus::slave::{Slave, SlaveContext};
 
+use super::ops::Op;
 use super::plan::ReadRequest;
-use super::registers::Table;
 use super::tcp::{ReadError, Response};
 use crate::DeviceError;
 
@@ -64,11 +64,6 @@ impl SerialSettings {
 
 /// How long the bus stays quiet after a timeout, for a late answer to end.
 const LATE_ANSWER_GUARD: Duration = Duration::from_millis(100);
-
-enum Op {
-    Read(ReadRequest),
-    Write(u16, Response),
-}
 
 struct BusRequest {
     unit: u8,
@@ -163,47 +158,8 @@ async fn run_bus(settings: SerialSettings, mut requests: mpsc::Receiver<BusReque
         let Some(ctx) = context.as_mut() else { continue };
         sleep_until(quiet_until).await;
         ctx.set_slave(Slave(request.unit));
-        let what = match &request.op {
-            Op::Read(r) => format!(
-                "reading {} {}..{}",
-                format!("{:?}", r.table).to_lowercase(),
-                r.start,
-                u32::from(r.start) + u32::from(r.count)
-            ),
-            Op::Write(register, _) => format!("writing register {register}"),
-        };
-        let answer = timeout(request.limit, async {
-            match request.op {
-                Op::Read(r) => match r.table {
-                    Table::Holding => ctx
-                        .read_holding_registers(r.start, r.count)
-                        .await
-                        .map(|x| x.map(|v| Some(Response::Registers(v)))),
-                    Table::Input => ctx
-                        .read_input_registers(r.start, r.count)
-                        .await
-                        .map(|x| x.map(|v| Some(Response::Registers(v)))),
-                    Table::Coil => {
-                        ctx.read_coils(r.start, r.count).await.map(|x| x.map(|v| Some(Response::Bits(v))))
-                    }
-                    Table::Discrete => ctx
-                        .read_discrete_inputs(r.start, r.count)
-                        .await
-                        .map(|x| x.map(|v| Some(Response::Bits(v)))),
-                },
-                Op::Write(register, Response::Bits(bits)) => ctx
-                    .write_single_coil(register, bits.first().copied().unwrap_or(false))
-                    .await
-                    .map(|x| x.map(|()| None)),
-                Op::Write(register, Response::Registers(regs)) if regs.len() == 1 => {
-                    ctx.write_single_register(register, regs[0]).await.map(|x| x.map(|()| None))
-                }
-                Op::Write(register, Response::Registers(regs)) => {
-                    ctx.write_multiple_registers(register, &regs).await.map(|x| x.map(|()| None))
-                }
-            }
-        })
-        .await;
+        let what = request.op.describe();
+        let answer = timeout(request.limit, request.op.perform(ctx)).await;
         quiet_until = Instant::now() + settings.frame_gap();
         let result = match answer {
             Ok(Ok(Ok(value))) => Ok(value),

@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 use tokio::time::{timeout, Instant};
-use tokio_modbus::client::{tcp, Context, Reader, Writer};
+use tokio_modbus::client::{tcp, Context};
 use tokio_modbus::slave::{Slave, SlaveContext};
 
+use super::ops::Op;
 use super::plan::ReadRequest;
-use super::registers::Table;
 use crate::DeviceError;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -78,25 +78,10 @@ impl TcpLink {
         request: &ReadRequest,
         limit: Duration,
     ) -> Result<Response, ReadError> {
-        let (table, start, count) = (request.table, request.start, request.count);
-        let what = format!("{table:?} {}..{}", start, u32::from(start) + u32::from(count)).to_lowercase();
-        self.exchange(unit, limit, &what, move |context| {
-            Box::pin(async move {
-                match table {
-                    Table::Holding => {
-                        context.read_holding_registers(start, count).await.map(|r| r.map(Response::Registers))
-                    }
-                    Table::Input => {
-                        context.read_input_registers(start, count).await.map(|r| r.map(Response::Registers))
-                    }
-                    Table::Coil => context.read_coils(start, count).await.map(|r| r.map(Response::Bits)),
-                    Table::Discrete => {
-                        context.read_discrete_inputs(start, count).await.map(|r| r.map(Response::Bits))
-                    }
-                }
-            })
-        })
-        .await
+        match self.exchange(unit, limit, Op::Read(request.clone())).await? {
+            Some(response) => Ok(response),
+            None => Err(ReadError { error: DeviceError::new("no data"), retryable: true }),
+        }
     }
 
     /// Writes to `unit`: `Bits` to a coil (function 5), `Registers` to
@@ -108,35 +93,12 @@ impl TcpLink {
         data: Response,
         limit: Duration,
     ) -> Result<(), ReadError> {
-        let what = format!("writing register {register}");
-        self.exchange(unit, limit, &what, move |context| {
-            Box::pin(async move {
-                match data {
-                    Response::Bits(bits) => {
-                        context.write_single_coil(register, bits.first().copied().unwrap_or(false)).await
-                    }
-                    Response::Registers(regs) if regs.len() == 1 => {
-                        context.write_single_register(register, regs[0]).await
-                    }
-                    Response::Registers(regs) => context.write_multiple_registers(register, &regs).await,
-                }
-            })
-        })
-        .await
+        self.exchange(unit, limit, Op::Write(register, data)).await.map(|_| ())
     }
 
     /// Runs one request on the link, connecting first if needed.
-    async fn exchange<T>(
-        &self,
-        unit: u8,
-        limit: Duration,
-        what: &str,
-        request: impl for<'c> FnOnce(
-            &'c mut Context,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = tokio_modbus::Result<T>> + Send + 'c>,
-        >,
-    ) -> Result<T, ReadError> {
+    async fn exchange(&self, unit: u8, limit: Duration, op: Op) -> Result<Option<Response>, ReadError> {
+        let what = op.describe();
         let mut state = self.state.lock().await;
         if state.context.is_none() {
             if let Some(at) = state.retry_at.filter(|at| *at > Instant::now()) {
@@ -175,40 +137,24 @@ impl TcpLink {
             return Err(ReadError { error: DeviceError::new("no connection"), retryable: true });
         };
         context.set_slave(Slave(unit));
-        match timeout(limit, request(context)).await {
+        match timeout(limit, op.perform(context)).await {
             Ok(Ok(Ok(value))) => Ok(value),
             Ok(Ok(Err(exception))) => Err(ReadError {
-                error: DeviceError::new(format!("exception {exception} {}", what_prefix(what))),
+                error: DeviceError::new(format!("exception {exception} {what}")),
                 retryable: false,
             }),
             Ok(Err(e)) => {
                 state.context = None;
-                Err(ReadError {
-                    error: DeviceError::new(format!("{e} {}", what_prefix(what))),
-                    retryable: true,
-                })
+                Err(ReadError { error: DeviceError::new(format!("{e} {what}")), retryable: true })
             }
             Err(_) => {
                 state.context = None;
                 Err(ReadError {
-                    error: DeviceError::new(format!(
-                        "no answer within {}ms {}",
-                        limit.as_millis(),
-                        what_prefix(what)
-                    )),
+                    error: DeviceError::new(format!("no answer within {}ms {what}", limit.as_millis())),
                     retryable: true,
                 })
             }
         }
-    }
-}
-
-/// `reading holding 0..2` or `writing register 7`.
-fn what_prefix(what: &str) -> String {
-    if what.starts_with("writing") {
-        what.to_owned()
-    } else {
-        format!("reading {what}")
     }
 }
 

@@ -1,0 +1,56 @@
+//! One Modbus request, whatever the transport: which function it is, how
+//! it is made on a tokio-modbus context, and how it is named in errors.
+
+use tokio_modbus::client::{Context, Reader, Writer};
+
+use super::plan::ReadRequest;
+use super::registers::Table;
+use super::tcp::Response;
+
+/// A read of a planned request, or a write to one register (or coil).
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Functions 1 to 4.
+    Read(ReadRequest),
+    /// Function 5 for bits, 6 for one register, 16 for several.
+    Write(u16, Response),
+}
+
+impl Op {
+    /// `reading holding 0..2` or `writing register 7`, for error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            Op::Read(r) => format!(
+                "reading {} {}..{}",
+                format!("{:?}", r.table).to_lowercase(),
+                r.start,
+                u32::from(r.start) + u32::from(r.count)
+            ),
+            Op::Write(register, _) => format!("writing register {register}"),
+        }
+    }
+
+    /// Makes the request; a write answers `None`.
+    pub async fn perform(self, ctx: &mut Context) -> tokio_modbus::Result<Option<Response>> {
+        let regs = |r: tokio_modbus::Result<Vec<u16>>| r.map(|x| x.map(|v| Some(Response::Registers(v))));
+        let bits = |r: tokio_modbus::Result<Vec<bool>>| r.map(|x| x.map(|v| Some(Response::Bits(v))));
+        let done = |r: tokio_modbus::Result<()>| r.map(|x| x.map(|()| None));
+        match self {
+            Op::Read(r) => match r.table {
+                Table::Holding => regs(ctx.read_holding_registers(r.start, r.count).await),
+                Table::Input => regs(ctx.read_input_registers(r.start, r.count).await),
+                Table::Coil => bits(ctx.read_coils(r.start, r.count).await),
+                Table::Discrete => bits(ctx.read_discrete_inputs(r.start, r.count).await),
+            },
+            Op::Write(register, Response::Bits(b)) => {
+                done(ctx.write_single_coil(register, b.first().copied().unwrap_or(false)).await)
+            }
+            Op::Write(register, Response::Registers(r)) if r.len() == 1 => {
+                done(ctx.write_single_register(register, r[0]).await)
+            }
+            Op::Write(register, Response::Registers(r)) => {
+                done(ctx.write_multiple_registers(register, &r).await)
+            }
+        }
+    }
+}
