@@ -4,10 +4,11 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use adapters::modbus::{
-    AttributeSpec, ByteOrder, DataType, Parity, ReadRequest, Response, RtuBus, SerialSettings, Table,
+    AttributeSpec, ByteOrder, DataType, Link, Parity, ReadRequest, Response, RtuBus, SerialSettings, Table,
     TcpLink, WordOrder,
 };
 use clap::{Args, ValueEnum};
@@ -115,12 +116,13 @@ pub fn read(args: ReadArgs) -> ExitCode {
     let request = ReadRequest { table, start: args.register, count: args.count, attributes: vec![] };
     let (answer, at) = runtime.block_on(async {
         match link {
-            Target::Tcp(addr) => {
-                (TcpLink::new(addr).read(args.unit, &request, args.timeout).await, addr.to_string())
-            }
+            Target::Tcp(addr) => (
+                Link::Tcp(Arc::new(TcpLink::new(addr))).read(args.unit, &request, args.timeout).await,
+                addr.to_string(),
+            ),
             Target::Rtu(serial) => {
                 let at = format!("{} {} 8N1", serial.port, serial.baud);
-                (RtuBus::spawn(serial).read(args.unit, &request, args.timeout).await, at)
+                (Link::Rtu(RtuBus::spawn(serial)).read(args.unit, &request, args.timeout).await, at)
             }
         }
     });

@@ -16,6 +16,8 @@
 //! malformed or out-of-range value writes nothing.
 
 mod ops;
+
+use ops::Op;
 mod plan;
 mod registers;
 mod rtu;
@@ -60,18 +62,37 @@ pub enum Link {
 }
 
 impl Link {
-    async fn read(&self, unit: u8, request: &ReadRequest, limit: Duration) -> Result<Response, ReadError> {
+    /// Makes `op` on `unit` over whichever transport this is.
+    async fn request(&self, unit: u8, op: Op, limit: Duration) -> Result<Option<Response>, ReadError> {
         match self {
-            Link::Tcp(link) => link.read(unit, request, limit).await,
-            Link::Rtu(bus) => bus.read(unit, request, limit).await,
+            Link::Tcp(link) => link.request(unit, op, limit).await,
+            Link::Rtu(bus) => bus.request(unit, op, limit).await,
         }
     }
 
-    async fn write(&self, unit: u8, register: u16, data: Response, limit: Duration) -> Result<(), ReadError> {
-        match self {
-            Link::Tcp(link) => link.write(unit, register, data, limit).await,
-            Link::Rtu(bus) => bus.write(unit, register, data, limit).await,
+    /// Reads `request` from `unit`, within `limit`.
+    pub async fn read(
+        &self,
+        unit: u8,
+        request: &ReadRequest,
+        limit: Duration,
+    ) -> Result<Response, ReadError> {
+        match self.request(unit, Op::Read(request.clone()), limit).await? {
+            Some(response) => Ok(response),
+            None => Err(ReadError { error: DeviceError::new("no data"), retryable: true }),
         }
+    }
+
+    /// Writes to `unit`: `Bits` to a coil (function 5), `Registers` to
+    /// holding registers (function 6 for one, 16 for several).
+    pub async fn write(
+        &self,
+        unit: u8,
+        register: u16,
+        data: Response,
+        limit: Duration,
+    ) -> Result<(), ReadError> {
+        self.request(unit, Op::Write(register, data), limit).await.map(|_| ())
     }
 }
 

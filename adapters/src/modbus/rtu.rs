@@ -17,7 +17,6 @@ use tokio_modbus::client::{rtu, Context};
 use tokio_modbus::slave::{Slave, SlaveContext};
 
 use super::ops::Op;
-use super::plan::ReadRequest;
 use super::tcp::{ReadError, Response};
 use crate::DeviceError;
 
@@ -88,31 +87,8 @@ impl RtuBus {
         RtuBus { tx, port }
     }
 
-    /// Reads `request` from `unit`, within `limit` once on the wire.
-    pub async fn read(
-        &self,
-        unit: u8,
-        request: &ReadRequest,
-        limit: Duration,
-    ) -> Result<Response, ReadError> {
-        match self.ask(unit, Op::Read(request.clone()), limit).await? {
-            Some(response) => Ok(response),
-            None => Err(ReadError { error: DeviceError::new("no data"), retryable: true }),
-        }
-    }
-
-    /// Writes to `unit` (see `TcpLink::write`).
-    pub async fn write(
-        &self,
-        unit: u8,
-        register: u16,
-        data: Response,
-        limit: Duration,
-    ) -> Result<(), ReadError> {
-        self.ask(unit, Op::Write(register, data), limit).await.map(|_| ())
-    }
-
-    async fn ask(&self, unit: u8, op: Op, limit: Duration) -> Result<Option<Response>, ReadError> {
+    /// Makes `op` on `unit`, within `limit` once on the wire; a write answers `None`.
+    pub async fn request(&self, unit: u8, op: Op, limit: Duration) -> Result<Option<Response>, ReadError> {
         let (reply, answer) = oneshot::channel();
         let gone = || ReadError {
             error: DeviceError::new(format!("the bus task of {} stopped", self.port)),

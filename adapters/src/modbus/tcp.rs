@@ -19,7 +19,6 @@ use tokio_modbus::client::{tcp, Context};
 use tokio_modbus::slave::{Slave, SlaveContext};
 
 use super::ops::Op;
-use super::plan::ReadRequest;
 use crate::DeviceError;
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
@@ -71,33 +70,9 @@ impl TcpLink {
         TcpLink { addr, state: Mutex::new(LinkState::default()) }
     }
 
-    /// Reads `request` from `unit`, within `limit`.
-    pub async fn read(
-        &self,
-        unit: u8,
-        request: &ReadRequest,
-        limit: Duration,
-    ) -> Result<Response, ReadError> {
-        match self.exchange(unit, limit, Op::Read(request.clone())).await? {
-            Some(response) => Ok(response),
-            None => Err(ReadError { error: DeviceError::new("no data"), retryable: true }),
-        }
-    }
-
-    /// Writes to `unit`: `Bits` to a coil (function 5), `Registers` to
-    /// holding registers (function 6 for one, 16 for several).
-    pub async fn write(
-        &self,
-        unit: u8,
-        register: u16,
-        data: Response,
-        limit: Duration,
-    ) -> Result<(), ReadError> {
-        self.exchange(unit, limit, Op::Write(register, data)).await.map(|_| ())
-    }
-
-    /// Runs one request on the link, connecting first if needed.
-    async fn exchange(&self, unit: u8, limit: Duration, op: Op) -> Result<Option<Response>, ReadError> {
+    /// Makes `op` on `unit` within `limit`, connecting first if needed; a
+    /// write answers `None`.
+    pub async fn request(&self, unit: u8, op: Op, limit: Duration) -> Result<Option<Response>, ReadError> {
         let what = op.describe();
         let mut state = self.state.lock().await;
         if state.context.is_none() {
