@@ -14,6 +14,8 @@
 //! - `runtime.rs`: the pipeline, devices -> mapping -> broker.
 //! - `run.rs`: the service life cycle: start, reload, stop.
 //! - `broker_state.rs`: the broker's snapshot in data_dir.
+//! - `uplink.rs`: the store-and-forward buffer and the upstream bridges.
+//! - `buffer_cli.rs`: `fieldmq buffer stats`.
 //! - `commands.rs`: `check` and `test`.
 //! - `writes.rs`: `{topic}/set/{attribute}` to device writes.
 //! - `modbus_cli.rs`: `fieldmq modbus read`, for commissioning.
@@ -21,6 +23,7 @@
 //! - `signals.rs`, `systemd.rs`, `logging.rs`: the process's surroundings.
 
 mod broker_state;
+mod buffer_cli;
 mod commands;
 mod config;
 mod devices;
@@ -32,6 +35,7 @@ mod run;
 mod runtime;
 mod signals;
 mod systemd;
+mod uplink;
 mod writes;
 
 use std::path::PathBuf;
@@ -57,9 +61,19 @@ enum Command {
     /// Poll every device once and print the messages, publishing nothing;
     /// exit 0, or 1 if a device failed.
     Test(ConfigArg),
+    /// The store-and-forward buffer.
+    #[command(subcommand)]
+    Buffer(BufferCommand),
     /// Commissioning tools for Modbus devices.
     #[command(subcommand)]
     Modbus(ModbusCommand),
+}
+
+#[derive(Subcommand)]
+enum BufferCommand {
+    /// Per upstream: rows waiting, oldest age, dropped, last delivery; and
+    /// bytes on disk. Works while the gateway runs.
+    Stats(buffer_cli::StatsArgs),
 }
 
 #[derive(Subcommand)]
@@ -91,6 +105,7 @@ fn main() -> ExitCode {
             logging::init(Some("warn"));
             commands::test(config.as_deref())
         }
+        Command::Buffer(BufferCommand::Stats(args)) => buffer_cli::stats(args),
         Command::Modbus(ModbusCommand::Read(args)) => modbus_cli::read(args),
     }
 }

@@ -23,7 +23,41 @@ pub fn describe(config: &Config) -> Vec<String> {
             if b.allow_anonymous { "allowed" } else { "refused" },
         ));
     }
-    lines.push("upstreams: none".into());
+    if config.upstreams.is_empty() {
+        lines.push("upstreams: none (nothing is buffered)".into());
+    } else {
+        let buffer = &config.buffer;
+        lines.push(format!(
+            "buffer: {} at most, when full {}, commit every {}",
+            crate::config::units::ByteSize(buffer.max_size),
+            match buffer.when_full {
+                mqtt_engine::buffer::WhenFull::DropOldest => "drop-oldest",
+                mqtt_engine::buffer::WhenFull::RejectNew => "reject-new",
+            },
+            humantime::format_duration(buffer.commit_interval),
+        ));
+    }
+    for u in &config.upstreams {
+        let s = &u.settings;
+        let forward: Vec<&str> = u.forward.iter().map(|f| f.as_str()).collect();
+        let mut line = format!(
+            "upstream {}: {}://{}:{} as {}, MQTT {}, forward {}",
+            s.name,
+            if s.tls.is_some() { "mqtts" } else { "mqtt" },
+            s.host,
+            s.port,
+            s.client_id,
+            if s.protocol == mqtt_engine::packet::Protocol::V5 { "5" } else { "3.1.1" },
+            forward.join(" "),
+        );
+        if !s.topic_prefix.is_empty() {
+            line.push_str(&format!(" with prefix {}", s.topic_prefix));
+        }
+        if !s.subscribe.is_empty() {
+            line.push_str(&format!(", brings down {}", s.subscribe.join(" ")));
+        }
+        lines.push(line);
+    }
     if config.devices.is_empty() {
         lines.push("devices: none".into());
     }

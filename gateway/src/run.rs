@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::mapping::Mapper;
 use crate::runtime::{self, SeenNodes};
 use crate::signals::{Request, Signals};
+use crate::uplink::Uplink;
 use crate::{broker_state, plan, systemd};
 use mqtt_engine::server;
 
@@ -88,6 +89,13 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
         servers.spawn(server::serve(listener, broker.clone(), slots.clone(), broker.shutdown_token()));
     }
     servers.close();
+    let mut uplink = match Uplink::start(&config, &broker).await {
+        Ok(uplink) => uplink,
+        Err(message) => {
+            tracing::error!("{message}");
+            return ExitCode::FAILURE;
+        }
+    };
     publish_gateway_status(&broker, &config, true);
     let mut pipeline = Pipeline::start(&config, &broker);
     systemd::notify("READY=1");
@@ -122,6 +130,8 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
                 if tokio::time::timeout(Duration::from_millis(300), servers.wait()).await.is_err() {
                     tracing::warn!("some MQTT clients did not take their last messages in time");
                 }
+                // After the last publish: the buffer commits all it took.
+                uplink.stop(&broker).await;
                 autosave_stop.cancel();
                 let _ = autosave.await;
                 if let Err(e) = broker_state::save(&broker, &config.data_dir) {
@@ -148,6 +158,11 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
                 tracing::info!("SIGHUP: config reloaded, restarting the devices");
                 let seen = pipeline.stop().await;
                 retire(&config, &new, &broker, &seen);
+                if let Err(message) = uplink.apply(&new, &broker).await {
+                    tracing::error!(
+                        "SIGHUP: {message}; messages bound upstream are not buffered until this is fixed"
+                    );
+                }
                 config = new;
                 log_plan(&config);
                 pipeline = Pipeline::start(&config, &broker);

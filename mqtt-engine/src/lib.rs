@@ -21,7 +21,9 @@
 //! - `local.rs`: [`Subscription`], an in-process subscriber's end.
 #![deny(missing_docs)]
 
+pub mod bridge;
 pub mod broker;
+pub mod buffer;
 pub mod connection;
 mod local;
 mod message;

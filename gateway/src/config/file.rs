@@ -26,6 +26,10 @@ pub struct ConfigFile {
     pub gateway: GatewaySection,
     #[serde(default)]
     pub broker: BrokerSection,
+    #[serde(default)]
+    pub buffer: BufferSection,
+    #[serde(default, rename = "upstream")]
+    pub upstreams: Vec<UpstreamSection>,
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceSection>,
     #[serde(default, rename = "profile")]
@@ -63,6 +67,39 @@ pub struct BrokerSection {
 
 /// An enum written as one of a few strings, whose error lists them all
 /// (serde's derive for enums reports "wanted string or table" through toml).
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct BufferSection {
+    pub max_size: Option<Spanned<ByteSize>>,
+    pub when_full: Option<Spanned<WhenFullName>>,
+    pub commit_interval: Option<Spanned<ConfigDuration>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub name: Spanned<String>,
+    pub url: Spanned<String>,
+    pub client_id: Option<Spanned<String>>,
+    pub username: Option<Spanned<String>>,
+    pub password: Option<Spanned<String>>,
+    pub password_file: Option<Spanned<String>>,
+    pub ca_file: Option<Spanned<String>>,
+    pub cert_file: Option<Spanned<String>>,
+    pub key_file: Option<Spanned<String>>,
+    pub alpn: Option<Vec<Spanned<String>>>,
+    pub server_name: Option<Spanned<String>>,
+    pub protocol: Option<Spanned<u8>>,
+    pub topic_prefix: Option<Spanned<String>>,
+    pub forward: Option<Vec<Spanned<String>>>,
+    pub subscribe: Option<Vec<Spanned<String>>>,
+    pub keep_alive: Option<Spanned<ConfigDuration>>,
+    pub max_inflight: Option<Spanned<u16>>,
+    pub max_rate: Option<Spanned<u32>>,
+    pub backoff_min: Option<Spanned<ConfigDuration>>,
+    pub backoff_max: Option<Spanned<ConfigDuration>>,
+}
+
 macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*
@@ -120,6 +157,14 @@ string_enum! {
         Json = "json",
         /// One message per attribute on `{topic}/{attribute}`, the bare value.
         Value = "value",
+    }
+}
+
+string_enum! {
+    /// `[buffer] when_full`.
+    WhenFullName {
+        DropOldest = "drop-oldest",
+        RejectNew = "reject-new",
     }
 }
 

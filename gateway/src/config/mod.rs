@@ -11,6 +11,7 @@ mod diagnostic;
 mod file;
 mod modbus;
 pub mod units;
+mod upstream;
 mod validate;
 
 use std::fmt;
@@ -20,7 +21,9 @@ use std::time::Duration;
 
 pub use diagnostic::Diagnostic;
 pub use file::{DeviceKind, Format, PublishMode};
+pub use upstream::{BufferConfig, UpstreamConfig};
 pub use validate::is_log_filter;
+use validate::relative_to_config;
 
 use crate::mapping::TopicTemplate;
 
@@ -57,6 +60,8 @@ pub struct Config {
     /// The `[gateway] log` filter, used when `RUST_LOG` is not set.
     pub log: Option<String>,
     pub broker: BrokerConfig,
+    pub buffer: BufferConfig,
+    pub upstreams: Vec<UpstreamConfig>,
     pub devices: Vec<DeviceConfig>,
 }
 

@@ -51,6 +51,8 @@ pub fn resolve(
     };
 
     let broker = resolve_broker(&file, diags);
+    let buffer = super::upstream::resolve_buffer(&file.buffer, diags);
+    let upstreams = super::upstream::resolve_upstreams(&file.upstreams, &gateway_id, source, diags);
 
     let builtin = modbus::builtin_profiles();
     let mut profiles: HashMap<&str, &ProfileSection> =
@@ -101,6 +103,8 @@ pub fn resolve(
         data_dir,
         log: file.gateway.log.map(Spanned::into_inner),
         broker,
+        buffer,
+        upstreams,
         devices,
     })
 }
@@ -377,7 +381,7 @@ fn can_create(dir: &Path) -> bool {
 
 /// A relative path in a config file is relative to that file's folder, so
 /// the config means the same whatever directory the gateway starts in.
-fn relative_to_config(path: &Path, source: &ConfigSource) -> PathBuf {
+pub(super) fn relative_to_config(path: &Path, source: &ConfigSource) -> PathBuf {
     match source {
         ConfigSource::File(file) if path.is_relative() => file.parent().unwrap_or(Path::new(".")).join(path),
         _ => path.to_path_buf(),

@@ -7,16 +7,18 @@
 //! 3.1.2-24) and a takeover. Any protocol error ends this connection only,
 //! with a DISCONNECT carrying the reason in MQTT 5, and a log line.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout, Instant};
 
 use super::router::parse_filter;
 use super::session::{Delivery, Envelope, Outgoing};
 use super::{forwarded, Broker, Claim, Ending};
+use crate::buffer::Offer;
 use crate::connection::{ConnectionError, PacketReader, PacketWriter};
 use crate::packet::*;
 use crate::{QoS, TopicFilter, TopicName};
@@ -119,6 +121,12 @@ struct Client<W> {
     outbound_aliases: HashMap<String, u16>,
     outbound_alias_max: u16,
     session_expiry: u32,
+    /// Acknowledgements waiting for the buffer to commit what they
+    /// acknowledge (ticket 0: nothing to wait for, but queued behind the
+    /// others: MQTT-4.6.0-2 wants them in order).
+    held_acks: VecDeque<(u64, Packet)>,
+    /// The buffer's commit progress, once this client published to it.
+    committed: Option<watch::Receiver<u64>>,
 }
 
 impl<W: AsyncWrite + Unpin> Client<W> {
@@ -158,6 +166,21 @@ impl<W: AsyncWrite + Unpin> Client<W> {
             outbound_aliases: HashMap::new(),
             session_expiry,
             connect,
+            held_acks: VecDeque::new(),
+            committed: None,
+        }
+    }
+
+    /// Queues the held acknowledgements whose messages are committed.
+    fn release_acks(&mut self) {
+        let committed = self.committed.as_ref().map_or(u64::MAX, |c| *c.borrow());
+        while let Some((seq, _)) = self.held_acks.front() {
+            if *seq > committed {
+                break;
+            }
+            if let Some((_, ack)) = self.held_acks.pop_front() {
+                self.writer.queue(&ack);
+            }
         }
     }
 
@@ -257,6 +280,9 @@ impl<W: AsyncWrite + Unpin> Client<W> {
         let mut deadline = Instant::now() + grace;
         let exit = loop {
             self.pump(&mut claim);
+            // Cloned before looking, so a commit after the look still wakes us.
+            let mut committed = self.committed.clone();
+            self.release_acks();
             // Answers to a burst of packets go out in one write, once no
             // whole packet is left to read.
             if !reader.has_complete_packet() || self.writer.pending() > 64 * 1024 {
@@ -293,6 +319,7 @@ impl<W: AsyncWrite + Unpin> Client<W> {
                     Err(e) => break self.on_read_error(e),
                 },
                 _ = claim.mailbox.notified() => {}
+                Ok(()) = async { committed.as_mut().expect("guarded").changed().await }, if committed.is_some() && !self.held_acks.is_empty() => {}
                 _ = keepalive => {
                     tracing::info!(client = %self.client_id, keep_alive = self.keep_alive, "keep alive expired (1.5 x); closing");
                     break Exit::Abnormal(Some(ReasonCode::KEEP_ALIVE_TIMEOUT));
@@ -438,7 +465,7 @@ impl<W: AsyncWrite + Unpin> Client<W> {
             .properties
             .message_expiry_interval
             .map(|s| Instant::now() + Duration::from_secs(u64::from(s)));
-        let delivered = self.broker.route(Envelope {
+        let (delivered, offer) = self.broker.route_forwarded(Envelope {
             topic,
             payload: publish.payload,
             qos: publish.qos,
@@ -447,17 +474,33 @@ impl<W: AsyncWrite + Unpin> Client<W> {
             expires_at,
             publisher: Some(self.client_id.clone()),
         });
-        let code =
-            if self.v5 && delivered == 0 { ReasonCode::NO_MATCHING_SUBSCRIBERS } else { ReasonCode::SUCCESS };
-        match publish.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => {
-                self.writer.queue(&Packet::Puback(Ack { code, ..Ack::ok(publish.packet_id) }))
-            }
+        let code = match offer {
+            // The upstream will not get it: in MQTT 5 the publisher hears so.
+            Offer::Refused if self.v5 => ReasonCode::QUOTA_EXCEEDED,
+            Offer::Taken(_) | Offer::Refused => ReasonCode::SUCCESS,
+            Offer::NotForwarded if self.v5 && delivered == 0 => ReasonCode::NO_MATCHING_SUBSCRIBERS,
+            Offer::NotForwarded => ReasonCode::SUCCESS,
+        };
+        let ack = match publish.qos {
+            QoS::AtMostOnce => return None,
+            QoS::AtLeastOnce => Packet::Puback(Ack { code, ..Ack::ok(publish.packet_id) }),
             QoS::ExactlyOnce => {
                 claim.state.incoming_qos2.insert(publish.packet_id);
-                self.writer.queue(&Packet::Pubrec(Ack { code, ..Ack::ok(publish.packet_id) }));
+                Packet::Pubrec(Ack { code, ..Ack::ok(publish.packet_id) })
             }
+        };
+        // Acknowledged only once durable, when an upstream takes it.
+        let ticket = match offer {
+            Offer::Taken(seq) => seq,
+            _ => 0,
+        };
+        if ticket > 0 && self.committed.is_none() {
+            self.committed = self.broker.buffer().map(|b| b.committed());
+        }
+        if ticket > 0 || !self.held_acks.is_empty() {
+            self.held_acks.push_back((ticket, ack));
+        } else {
+            self.writer.queue(&ack);
         }
         None
     }

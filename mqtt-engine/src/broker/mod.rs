@@ -24,7 +24,7 @@ mod session;
 mod subscriptions;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, OwnedMutexGuard};
@@ -34,6 +34,7 @@ pub use client::serve_client;
 use router::{Router, SessionEntry};
 pub use session::{Delivery, Envelope, Mailbox, SessionState};
 
+use crate::buffer::{Buffer, Offer};
 use crate::packet::{Properties, ReasonCode, Will};
 use crate::{Message, Subscription, TopicFilter, TopicName};
 
@@ -86,6 +87,8 @@ struct Shared {
     shutdown: CancellationToken,
     /// Bumped by every change worth a snapshot.
     changes: AtomicU64,
+    /// Where messages bound upstream become durable, when there is an upstream.
+    buffer: RwLock<Option<Buffer>>,
 }
 
 /// A claimed session, owned by one connection until released.
@@ -126,6 +129,7 @@ impl Broker {
                 settings,
                 shutdown: CancellationToken::new(),
                 changes: AtomicU64::new(0),
+                buffer: RwLock::new(None),
             }),
         }
     }
@@ -164,14 +168,42 @@ impl Broker {
         });
     }
 
-    /// Routes an envelope; how many clients it was queued for.
+    /// Routes an envelope (and offers it to the buffer when an upstream
+    /// takes its topic); how many clients it was queued for.
     pub fn route(&self, envelope: Envelope) -> usize {
+        self.route_forwarded(envelope).0
+    }
+
+    /// Routes an envelope and offers it to the buffer; also says what the
+    /// buffer did with it, so a publisher's acknowledgement can wait for
+    /// the commit.
+    pub fn route_forwarded(&self, envelope: Envelope) -> (usize, Offer) {
+        let offer = match &*self.shared.buffer.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(buffer) => buffer.offer(&envelope.topic, &envelope.payload, envelope.retain),
+            None => Offer::NotForwarded,
+        };
+        (self.route_from_upstream(envelope), offer)
+    }
+
+    /// Routes an envelope to local subscribers only: for what an upstream
+    /// sent down, which must not be forwarded back up.
+    pub fn route_from_upstream(&self, envelope: Envelope) -> usize {
         let retain = envelope.retain;
         let delivered = self.router().route(Arc::new(envelope));
         if retain || delivered > 0 {
             self.touch();
         }
         delivered
+    }
+
+    /// Sets (or removes) the buffer messages bound upstream go to.
+    pub fn set_buffer(&self, buffer: Option<Buffer>) {
+        *self.shared.buffer.write().unwrap_or_else(|p| p.into_inner()) = buffer;
+    }
+
+    /// The buffer messages bound upstream go to, if any.
+    pub fn buffer(&self) -> Option<Buffer> {
+        self.shared.buffer.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Notes a change worth saving.
