@@ -155,6 +155,8 @@ struct Shared {
     refusing: AtomicBool,
     nudged: AtomicBool,
     refused: AtomicU64,
+    /// Commits made (each one fsync of the log), for benchmarks and $SYS.
+    commits: AtomicU64,
 }
 
 /// A handle on the buffer; clones share it.
@@ -179,6 +181,7 @@ impl Buffer {
             refusing: AtomicBool::new(false),
             nudged: AtomicBool::new(false),
             refused: AtomicU64::new(0),
+            commits: AtomicU64::new(0),
         });
         let buffer = Buffer { shared };
         let mut intake = buffer.shared.intake.lock().unwrap_or_else(|p| p.into_inner());
@@ -284,6 +287,11 @@ impl Buffer {
             return Offer::Refused;
         }
         Offer::Taken(seq)
+    }
+
+    /// How many commits the buffer made since it was opened.
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Relaxed)
     }
 
     /// Follows the newest committed ticket.

@@ -27,6 +27,16 @@ const IDLE: Duration = Duration::from_secs(1);
 /// ones are refused (reject-new); below LOW, new ones are taken again.
 const HIGH: f64 = 0.95;
 const LOW: f64 = 0.85;
+/// Rows per multi-row INSERT.
+const CHUNK: usize = 64;
+
+fn insert_sql(rows: usize) -> String {
+    let mut sql = String::from("INSERT INTO messages (id, topic, ts, flags, mask, payload) VALUES ");
+    for i in 0..rows {
+        sql.push_str(if i == 0 { "(?,?,?,?,?,?)" } else { ",(?,?,?,?,?,?)" });
+    }
+    sql
+}
 
 /// Opens the file, brings its upstream table in line with the config and
 /// bounds its size; returns the connection for the writer.
@@ -181,9 +191,7 @@ impl BufferWriter {
         {
             let mut insert_topic = tx.prepare_cached("INSERT OR IGNORE INTO topics (name) VALUES (?1)")?;
             let mut find_topic = tx.prepare_cached("SELECT id FROM topics WHERE name = ?1")?;
-            let mut insert = tx.prepare_cached(
-                "INSERT INTO messages (id, topic, ts, flags, mask, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
+            let mut topic_ids = Vec::with_capacity(self.pending.len());
             for p in &self.pending {
                 let topic = match self.topics.get(p.topic.as_str()) {
                     Some(t) => *t,
@@ -194,15 +202,29 @@ impl BufferWriter {
                         t
                     }
                 };
-                insert.execute(params![
-                    id,
-                    topic,
-                    p.ts,
-                    i64::from(p.retain),
-                    p.mask as i64,
-                    &p.payload[..]
-                ])?;
-                id += 1;
+                topic_ids.push(topic);
+            }
+            // Many rows per statement: SQLite's per-statement cost (bind,
+            // step, reset) is paid once per chunk instead of once per row.
+            let mut chunk_insert = tx.prepare_cached(&insert_sql(CHUNK))?;
+            let mut one_insert = tx.prepare_cached(&insert_sql(1))?;
+            let mut rows = self.pending.iter().zip(&topic_ids);
+            let mut left = self.pending.len();
+            while left > 0 {
+                let (stmt, n) = if left >= CHUNK { (&mut chunk_insert, CHUNK) } else { (&mut one_insert, 1) };
+                let mut index = 1;
+                for (p, topic) in rows.by_ref().take(n) {
+                    stmt.raw_bind_parameter(index, id)?;
+                    stmt.raw_bind_parameter(index + 1, *topic)?;
+                    stmt.raw_bind_parameter(index + 2, p.ts)?;
+                    stmt.raw_bind_parameter(index + 3, i64::from(p.retain))?;
+                    stmt.raw_bind_parameter(index + 4, p.mask as i64)?;
+                    stmt.raw_bind_parameter(index + 5, &p.payload[..])?;
+                    index += 6;
+                    id += 1;
+                }
+                stmt.raw_execute()?;
+                left -= n;
             }
         }
         let mut persisted = self.persisted.clone();
@@ -224,6 +246,7 @@ impl BufferWriter {
             deleted = tx.execute("DELETE FROM messages WHERE id <= ?1", [done])?;
         }
         tx.commit()?;
+        self.shared.commits.fetch_add(1, Ordering::Relaxed);
         if done > self.deleted_through {
             self.deleted_through = done;
         }
