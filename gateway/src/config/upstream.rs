@@ -157,24 +157,27 @@ pub fn resolve_upstreams(
             }
         }
         let tls_config = if use_tls {
-            match tls::client_config(&files) {
-                Ok(config) => Some(config),
-                Err(e) => {
-                    // Point at the key naming the file that failed.
-                    let span = match &e {
-                        tls::TlsError::File { path, .. } => [
-                            (&u.ca_file, &files.ca_file),
-                            (&u.cert_file, &files.cert_file),
-                            (&u.key_file, &files.key_file),
-                        ]
-                        .iter()
-                        .find(|(_, p)| p.as_deref() == Some(path.as_path()))
-                        .and_then(|(k, _)| k.as_ref().map(|k| k.span())),
-                        _ => u.cert_file.as_ref().or(u.key_file.as_ref()).map(|k| k.span()),
-                    };
-                    diags.push(Diagnostic::at(span.unwrap_or(u.url.span()), format!("TLS: {e}")));
-                    None
+            let problems = tls::check_files(&files);
+            for (which, e) in &problems {
+                let key = match which {
+                    tls::TlsFile::Ca => &u.ca_file,
+                    tls::TlsFile::Cert => &u.cert_file,
+                    tls::TlsFile::Key => &u.key_file,
+                };
+                let span = key.as_ref().map_or(u.url.span(), |k| k.span());
+                diags.push(Diagnostic::at(span, format!("TLS: {e}")));
+            }
+            if problems.is_empty() {
+                match tls::client_config(&files) {
+                    Ok(config) => Some(config),
+                    Err(e) => {
+                        let key = u.cert_file.as_ref().or(u.key_file.as_ref()).or(u.ca_file.as_ref());
+                        diags.push(Diagnostic::at(key.map_or(u.url.span(), |k| k.span()), format!("TLS: {e}")));
+                        None
+                    }
                 }
+            } else {
+                None
             }
         } else {
             None

@@ -62,6 +62,42 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     Ok(certs)
 }
 
+/// Which of the files is meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFile {
+    /// `ca_file`.
+    Ca,
+    /// `cert_file`.
+    Cert,
+    /// `key_file`.
+    Key,
+}
+
+/// Reads every file on its own, so each problem is reported, not only the
+/// first.
+pub fn check_files(files: &TlsFiles) -> Vec<(TlsFile, TlsError)> {
+    let mut problems = Vec::new();
+    if let Some(path) = &files.ca_file {
+        if let Err(e) = read_certs(path) {
+            problems.push((TlsFile::Ca, e));
+        }
+    }
+    if let Some(path) = &files.cert_file {
+        if let Err(e) = read_certs(path) {
+            problems.push((TlsFile::Cert, e));
+        }
+    }
+    if let Some(path) = &files.key_file {
+        let key = std::fs::metadata(path)
+            .map_err(|e| file_error(path, e))
+            .and_then(|_| PrivateKeyDer::from_pem_file(path).map_err(|e| file_error(path, e)));
+        if let Err(e) = key {
+            problems.push((TlsFile::Key, e));
+        }
+    }
+    problems
+}
+
 /// Builds the client configuration from the files.
 pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, TlsError> {
     let mut roots = RootCertStore::empty();

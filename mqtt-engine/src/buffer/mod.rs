@@ -267,6 +267,8 @@ impl Buffer {
                     cursor.dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            // So `buffer stats` shows the count soon.
+            self.nudge();
             return Offer::Refused;
         }
         let mut intake = self.shared.intake.lock().unwrap_or_else(|p| p.into_inner());

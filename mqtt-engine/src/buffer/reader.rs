@@ -71,7 +71,10 @@ impl RowReader {
             let topic = match self.topics.get(&topic_id) {
                 Some(t) => t.clone(),
                 None => {
-                    let Some(name) = store::topic_name(&self.conn, topic_id)? else { continue };
+                    let Some(name) = store::topic_name(&self.conn, topic_id)? else {
+                        tracing::error!(row = id, topic_id, "buffer row without its topic: skipped");
+                        continue;
+                    };
                     let name: Arc<str> = name.into();
                     self.topics.insert(topic_id, name.clone());
                     name

@@ -70,6 +70,8 @@ pub(super) struct BufferWriter {
     rows: i64,
     last_commit: Instant,
     full_logged: bool,
+    /// The newest ticket taken from the channel.
+    taken_seq: u64,
 }
 
 impl BufferWriter {
@@ -94,6 +96,7 @@ impl BufferWriter {
             rows,
             last_commit: Instant::now() - routing.settings.commit_interval,
             full_logged: false,
+            taken_seq: 0,
             shared,
             routing,
         }
@@ -145,7 +148,10 @@ impl BufferWriter {
 
     fn take(&mut self, command: Command) {
         match command {
-            Command::Append(pending) => self.pending.push(pending),
+            Command::Append(pending) => {
+                self.taken_seq = pending.seq;
+                self.pending.push(pending);
+            }
             Command::Nudge => {}
         }
     }
@@ -162,9 +168,15 @@ impl BufferWriter {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.try_commit() {
+            let result = self.try_commit();
+            if result.is_err() {
+                // Topics interned by a transaction that did not commit do
+                // not exist: forget them.
+                self.topics.clear();
+            }
+            match result {
                 Ok(()) => break,
-                Err(e) if e.sqlite_error_code() == Some(ErrorCode::DiskFull) && attempts < 8 => {
+                Err(e) if e.sqlite_error_code() == Some(ErrorCode::DiskFull) && attempts < 40 => {
                     if !self.make_room_after_full() {
                         break;
                     }
@@ -176,10 +188,10 @@ impl BufferWriter {
                 }
             }
         }
-        let last_seq = self.pending.last().map(|p| p.seq);
         self.pending.clear();
-        if let Some(seq) = last_seq {
-            self.shared.committed_seq.send_replace(seq);
+        // Every ticket taken so far is now committed or counted as dropped.
+        if self.taken_seq > *self.shared.committed_seq.borrow() {
+            self.shared.committed_seq.send_replace(self.taken_seq);
         }
         self.shared.committed_id.send_replace(self.next_id - 1);
         self.keep_margin();
@@ -266,33 +278,43 @@ impl BufferWriter {
                 // the newest rows are the ones worth keeping.
                 let n = (self.rows / 10).max(self.pending.len() as i64).max(1);
                 if self.rows == 0 {
-                    // Even an empty buffer cannot take this batch: the disk
-                    // itself is full. The oldest pending rows go.
+                    // Even an empty buffer cannot take this batch (larger
+                    // than max_size, or the disk is full): its oldest half
+                    // goes, and the rest is tried again.
                     let keep = self.pending.len() / 2;
                     let gone: Vec<Pending> = self.pending.drain(..self.pending.len() - keep).collect();
-                    self.count_dropped_pending(&gone);
-                    return !self.pending.is_empty();
+                    self.count_dropped_pending(&gone, "drop-oldest");
+                    return true;
                 }
                 self.drop_oldest(n, "disk or max_size full")
             }
             WhenFull::RejectNew => {
-                let gone: Vec<Pending> = std::mem::take(&mut self.pending);
-                self.count_dropped_pending(&gone);
-                if let Some(seq) = gone.last().map(|p| p.seq) {
-                    self.shared.committed_seq.send_replace(seq);
+                // The newest half of the batch is refused, the rest tried
+                // again: what fits is kept, oldest first.
+                if self.pending.is_empty() {
+                    return false;
                 }
+                let keep = self.pending.len() / 2;
+                let gone = self.pending.split_off(keep);
+                self.shared.refused.fetch_add(gone.len() as u64, Ordering::Relaxed);
+                self.count_dropped_pending(&gone, "reject-new");
                 self.set_refusing(true);
-                false
+                true
             }
         }
     }
 
-    fn count_dropped_pending(&self, gone: &[Pending]) {
+    fn count_dropped_pending(&self, gone: &[Pending], policy: &str) {
         for cursor in &self.routing.cursors {
             let n = gone.iter().filter(|p| p.mask & (1 << cursor.bit) != 0).count() as i64;
             cursor.dropped.fetch_add(n, Ordering::Relaxed);
         }
-        tracing::warn!(dropped = gone.len(), "buffer full: messages not stored (when_full applies)");
+        let totals: Vec<String> = self.routing.cursors.iter().map(|c| format!("{}={}", c.name, c.dropped())).collect();
+        tracing::warn!(
+            dropped_total = %totals.join(","),
+            "buffer full: {} new messages not stored (when_full = {policy})",
+            gone.len()
+        );
     }
 
     /// Deletes the `n` oldest rows, counting them against each upstream
