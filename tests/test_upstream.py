@@ -758,3 +758,56 @@ def test_an_mqtt5_upstream_reached_with_an_rsa_key_gets_bursts_and_backlogs(peer
     up.start()
     gw.wait_for(CONNECTED, timeout=10, after=mark)
     assert_all_in_order(wait_delivered(rec, burst + backlog), burst + backlog)
+
+
+# --------------------------------------------------------------------------
+# Refusals and reloads
+
+
+def test_a_connack_refusal_is_logged_with_its_reason_and_loses_nothing(peers, pki):
+    """Scenario: the cloud broker refuses the gateway's credentials (CONNACK
+    5, not authorized: here a broker that stopped accepting the client
+    certificate as an identity). The log says CONNACK refused and why, once;
+    messages published meanwhile are delivered once the cloud accepts the
+    gateway again."""
+    up = peers.upstream()
+    rec = peers.recorder(up)
+    up.restart(require_cert=False, allow_anonymous=False)
+    gw, port = peers.start_gateway(gateway_toml(upstream_section(up, pki)))
+    line = wait_log(gw, FAILED + r".*CONNACK refused: 0x05 \(not authorized\)", timeout=5).string
+    lan = peers.lan(port)
+    published = lan.publish(20, rate=40)
+    assert lan.wait_acked(timeout=5)
+    time.sleep(1.5)
+    assert gw.count(re.compile(FAILED, re.I)) == 1, "the same refusal is logged on every retry"
+
+    mark = len(gw.lines)
+    up.restart(require_cert=True)
+    gw.wait_for(CONNECTED, timeout=10, after=mark)
+    assert_all_in_order(wait_delivered(rec, published), published)
+    print(f"logged: {line}")
+
+
+def test_a_reload_that_fixes_the_upstream_keeps_the_backlog(peers, pki):
+    """Scenario: the operator misspelt the cloud's port, messages piled up
+    in the buffer; they fix /etc/fieldmq/fieldmq.toml and run `systemctl
+    reload` (SIGHUP). The bridge restarts with the new address and every
+    buffered message arrives, in order; nothing is lost by the reload."""
+    up = peers.upstream()
+    rec = peers.recorder(up)
+    wrong = upstream_section(up, pki, url=f"mqtts://127.0.0.1:{free_port()}")
+    gw, port = peers.start_gateway(gateway_toml(wrong))
+    wait_log(gw, FAILED, timeout=5)
+    lan = peers.lan(port)
+    before = lan.publish(30, rate=100)
+    assert lan.wait_acked(timeout=5)
+    _, entry = peers.wait_stats(lambda e: e["waiting"] >= 30)
+    assert entry["waiting"] >= 30, entry
+
+    peers.config.write_text(gateway_toml(upstream_section(up, pki)))
+    mark = len(gw.lines)
+    gw.send(signal.SIGHUP)
+    gw.wait_for(CONNECTED, timeout=10, after=mark)
+    after = lan.publish(10, rate=100)
+    assert lan.wait_acked(timeout=5)
+    assert_all_in_order(wait_delivered(rec, before + after), before + after)

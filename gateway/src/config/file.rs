@@ -91,6 +91,7 @@ pub struct UpstreamSection {
     pub server_name: Option<Spanned<String>>,
     pub protocol: Option<Spanned<u8>>,
     pub topic_prefix: Option<Spanned<String>>,
+    pub topic_template: Option<Spanned<String>>,
     pub forward: Option<Vec<Spanned<String>>>,
     pub subscribe: Option<Vec<Spanned<String>>>,
     pub keep_alive: Option<Spanned<ConfigDuration>>,

@@ -172,7 +172,10 @@ pub fn resolve_upstreams(
                     Ok(config) => Some(config),
                     Err(e) => {
                         let key = u.cert_file.as_ref().or(u.key_file.as_ref()).or(u.ca_file.as_ref());
-                        diags.push(Diagnostic::at(key.map_or(u.url.span(), |k| k.span()), format!("TLS: {e}")));
+                        diags.push(Diagnostic::at(
+                            key.map_or(u.url.span(), |k| k.span()),
+                            format!("TLS: {e}"),
+                        ));
                         None
                     }
                 }
@@ -226,6 +229,17 @@ pub fn resolve_upstreams(
                 diags.push(Diagnostic::at(p.span(), "topic_prefix must not contain `+`, `#` or NUL"));
             }
         }
+        if let (Some(t), Some(_)) = (&u.topic_template, &u.topic_prefix) {
+            diags.push(Diagnostic::at(t.span(), "give topic_prefix or topic_template, not both"));
+        }
+        if let Some(t) = &u.topic_template {
+            if t.get_ref().contains(['+', '#', '\0']) || t.get_ref().is_empty() {
+                diags.push(Diagnostic::at(
+                    t.span(),
+                    "topic_template must be a topic name (no `+`, `#`), with {topic} or {topic_encoded}",
+                ));
+            }
+        }
         let forward = match &u.forward {
             Some(list) => filters(list, "forward", diags),
             None => vec![TopicFilter::new("fieldmq/#").expect("a valid filter")],
@@ -254,12 +268,18 @@ pub fn resolve_upstreams(
             protocol,
             keep_alive,
             topic_prefix: topic_prefix.clone(),
+            topic_template: u.topic_template.as_ref().map(|t| t.get_ref().clone()),
             subscribe,
             max_inflight,
             max_rate: u.max_rate.as_ref().map_or(0, |m| *m.get_ref()),
             backoff_min,
             backoff_max,
-            status_topic: format!("{topic_prefix}fieldmq/{gateway_id}/status"),
+            status_topic: String::new(),
+        };
+        // The will and `online` go where the gateway status would go.
+        let settings = UpstreamSettings {
+            status_topic: settings.upstream_topic(&format!("fieldmq/{gateway_id}/status")),
+            ..settings
         };
         let fingerprint = format!("{u:?}");
         out.push(UpstreamConfig { settings, forward, fingerprint });

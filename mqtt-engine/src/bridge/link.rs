@@ -362,7 +362,7 @@ impl Streaming<'_> {
                 });
             }
             let Some(row) = self.queue.pop_front() else { break };
-            let topic = format!("{}{}", self.settings.topic_prefix, row.topic);
+            let topic = self.settings.upstream_topic(&row.topic);
             let id = self.window.send(Some(row.id));
             if topic.len() + row.payload.len() + 16 > self.server_max_packet {
                 tracing::warn!(upstream = %self.settings.name, %topic, bytes = row.payload.len(), "message larger than the upstream accepts: skipped");

@@ -59,6 +59,10 @@ pub struct UpstreamSettings {
     pub keep_alive: Duration,
     /// Prepended to every topic sent up, stripped from topics coming down.
     pub topic_prefix: String,
+    /// Instead of the prefix: the upstream topic made from this template,
+    /// `{topic}` (the local topic) or `{topic_encoded}` (percent-encoded,
+    /// for a property bag such as Azure IoT Hub's) replaced.
+    pub topic_template: Option<String>,
     /// Upstream filters whose messages come down into the local broker.
     pub subscribe: Vec<String>,
     /// The most QoS 1 messages unacknowledged at once.
@@ -71,6 +75,31 @@ pub struct UpstreamSettings {
     pub backoff_max: Duration,
     /// Where the gateway's `online`/`offline` goes (its will), prefix included.
     pub status_topic: String,
+}
+
+impl UpstreamSettings {
+    /// The topic a local message takes upstream.
+    pub fn upstream_topic(&self, local: &str) -> String {
+        match &self.topic_template {
+            None => format!("{}{local}", self.topic_prefix),
+            Some(template) => {
+                template.replace("{topic}", local).replace("{topic_encoded}", &percent_encode(local))
+            }
+        }
+    }
+}
+
+/// RFC 3986 percent-encoding of everything but unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 impl std::fmt::Debug for UpstreamSettings {
@@ -146,6 +175,11 @@ fn random_u64() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn templates_encode_the_local_topic() {
+        assert_eq!(percent_encode("fieldmq/pi 1/m"), "fieldmq%2Fpi%201%2Fm");
+    }
 
     #[test]
     fn jitter_stays_within_the_ceiling_and_spreads() {

@@ -53,6 +53,11 @@ pub(super) fn prepare(
     let page_size: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0)).map_err(wrap)?;
     let max_pages = (settings.max_size as i64 / page_size).max(16);
     conn.pragma_update(None, "max_page_count", max_pages).map_err(wrap)?;
+    // The write-ahead log counts on disk too: checkpoint it before it
+    // grows past a quarter of max_size, and truncate it back after.
+    let wal_limit = (settings.max_size as i64 / 4).min(16 << 20);
+    conn.pragma_update(None, "journal_size_limit", wal_limit).map_err(wrap)?;
+    conn.pragma_update(None, "wal_autocheckpoint", (wal_limit / page_size).clamp(16, 1000)).map_err(wrap)?;
     let rows = store::sync_upstreams(&conn, names).map_err(wrap)?;
     Ok((conn, rows))
 }
@@ -309,7 +314,8 @@ impl BufferWriter {
             let n = gone.iter().filter(|p| p.mask & (1 << cursor.bit) != 0).count() as i64;
             cursor.dropped.fetch_add(n, Ordering::Relaxed);
         }
-        let totals: Vec<String> = self.routing.cursors.iter().map(|c| format!("{}={}", c.name, c.dropped())).collect();
+        let totals: Vec<String> =
+            self.routing.cursors.iter().map(|c| format!("{}={}", c.name, c.dropped())).collect();
         tracing::warn!(
             dropped_total = %totals.join(","),
             "buffer full: {} new messages not stored (when_full = {policy})",
