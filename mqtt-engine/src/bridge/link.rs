@@ -268,6 +268,15 @@ impl<'a> Link<'a> {
                     Ok(Some(packet)) => {
                         last_received = Instant::now();
                         state.handle(packet, &mut writer, &cursor)?;
+                        // Every acknowledgement already read is handled
+                        // before the next write: one write answers a burst.
+                        while reader.has_complete_packet() {
+                            match reader.read_packet().await {
+                                Ok(Some(packet)) => state.handle(packet, &mut writer, &cursor)?,
+                                Ok(None) => return Err(LinkError::Lost("the upstream closed the connection".into())),
+                                Err(e) => return Err(LinkError::Lost(e.to_string())),
+                            }
+                        }
                     }
                     Ok(None) => return Err(LinkError::Lost("the upstream closed the connection".into())),
                     Err(e) => return Err(LinkError::Lost(e.to_string())),
