@@ -315,6 +315,13 @@ poll = "500ms"
   name = "u16"
   table = "holding"
   register = 0
+  [[device.attribute]]
+  name = "heater"
+  table = "holding"
+  register = 41
+  type = "bool"
+  bit = 3
+  writable = true
 """
     gw = gateway(write_config(config), RUST_LOG="info")
     port = int(gw.wait_for(r"MQTT listener ready addr=127\.0\.0\.1:(\d+)").group(1))
@@ -351,6 +358,15 @@ poll = "500ms"
     # A coil (function 5).
     assert command("pump", "on") == "ok"
     assert device.read_coils(5, count=1, slave=1).bits[0] is True
+    # One bit of a register (function 22, mask write): the PLC's other bits
+    # in the same register stay as they are.
+    device.write_register(41, 0b1010_0001, slave=1)
+    assert command("heater", "on") == "ok"
+    assert register(41) == 0b1010_1001
+    assert command("heater", "false") == "ok"
+    assert register(41) == 0b1010_0001
+    assert command("heater", "maybe") == "error: `maybe` is not true/false, 1/0 or on/off"
+    assert register(41) == 0b1010_0001
     device.close()
     client.loop_stop()
     gw.wait_for(r"INFO write device=plc attribute=setpoint value=21.5 result=ok")

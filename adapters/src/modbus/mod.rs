@@ -161,9 +161,14 @@ impl PolledDevice for ModbusPoller {
             let Some(spec) = self.config.attributes.iter().find(|a| a.name == attribute) else {
                 return Err(format!("no attribute `{attribute}`"));
             };
+            let op = match (spec.bit, data) {
+                (Some(bit), Response::Bits(b)) => Op::WriteBit(spec.register, bit, b.first().copied().unwrap_or(false)),
+                (_, data) => Op::Write(spec.register, data),
+            };
             self.link
-                .write(self.config.unit, spec.register, data, self.config.timeout)
+                .request(self.config.unit, op, self.config.timeout)
                 .await
+                .map(|_| ())
                 .map_err(|e| e.error.reason().to_owned())
         })
     }
@@ -181,7 +186,7 @@ impl ModbusPoller {
         if !spec.writable {
             return Err(format!("`{attribute}` is not writable"));
         }
-        if spec.table == Table::Coil {
+        if spec.table == Table::Coil || spec.bit.is_some() {
             return match value.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" | "on" => Ok(Response::Bits(vec![true])),
                 "false" | "0" | "off" => Ok(Response::Bits(vec![false])),

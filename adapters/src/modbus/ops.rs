@@ -14,6 +14,10 @@ pub enum Op {
     Read(ReadRequest),
     /// Function 5 for bits, 6 for one register, 16 for several.
     Write(u16, Response),
+    /// Function 22 (mask write register): one bit of a holding register,
+    /// set or cleared by the device itself, so the other bits are never
+    /// read and written back (a read-modify-write would race the PLC).
+    WriteBit(u16, u8, bool),
 }
 
 impl Op {
@@ -27,6 +31,7 @@ impl Op {
                 u32::from(r.start) + u32::from(r.count)
             ),
             Op::Write(register, _) => format!("writing register {register}"),
+            Op::WriteBit(register, bit, _) => format!("writing bit {bit} of register {register}"),
         }
     }
 
@@ -50,6 +55,12 @@ impl Op {
             }
             Op::Write(register, Response::Registers(r)) => {
                 done(ctx.write_multiple_registers(register, &r).await)
+            }
+            Op::WriteBit(register, bit, value) => {
+                let mask = 1u16 << (bit & 15);
+                // result = (current AND and_mask) OR (or_mask AND NOT and_mask)
+                let or_mask = if value { mask } else { 0 };
+                done(ctx.masked_write_register(register, !mask, or_mask).await)
             }
         }
     }

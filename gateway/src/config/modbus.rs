@@ -366,13 +366,14 @@ fn resolve_attribute(a: &AttributeSection, diags: &mut Vec<Diagnostic>) -> Optio
     if let Some(w) = a.writable.as_ref().filter(|w| *w.get_ref()) {
         let writable_kind = match table {
             Table::Coil => true,
-            Table::Holding => spec.bit.is_none() && spec.data_type != DataType::String,
+            // A bit of a holding register is written with function 22.
+            Table::Holding => spec.data_type != DataType::String,
             _ => false,
         };
         if !writable_kind {
             diags.push(Diagnostic::at(
                 w.span(),
-                "writable = true needs a coil or a numeric holding register (not input, discrete, a bit or a string)",
+                "writable = true needs a coil, a numeric holding register or a bit of one (not input, discrete or a string)",
             ));
         }
     } else if let Some(m) = a.min.as_ref().or(a.max.as_ref()) {

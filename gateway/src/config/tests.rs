@@ -320,7 +320,7 @@ address = \"127.0.0.1:502\"
     assert_eq!(
         first_lines(errors(text)),
         [
-            "/etc/fieldmq/t.toml:9:14: writable = true needs a coil or a numeric holding register (not input, discrete, a bit or a string)",
+            "/etc/fieldmq/t.toml:9:14: writable = true needs a coil, a numeric holding register or a bit of one (not input, discrete or a string)",
             "/etc/fieldmq/t.toml:14:9: min and max bound writes: they need writable = true",
         ]
     );
