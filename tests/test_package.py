@@ -104,6 +104,7 @@ def test_install_run_upgrade_remove_purge(deb, tmp_path):
     echo "config: $(stat -c '%U:%G %a' /etc/fieldmq/fieldmq.toml)"
     test -L /etc/systemd/system/multi-user.target.wants/fieldmq.service && echo "enabled: yes"
     fieldmq --version
+    systemd-analyze verify /lib/systemd/system/fieldmq.service && echo "unit: verified"
     fieldmq check --config /etc/fieldmq/fieldmq.toml >/dev/null && echo "packaged config: valid"
 
     # Out of the box, as the service user (port changed: 1883 may be taken here).
@@ -137,6 +138,7 @@ def test_install_run_upgrade_remove_purge(deb, tmp_path):
     assert "state: fieldmq:fieldmq 750" in out, out
     assert "config: root:fieldmq 640" in out, out
     assert "enabled: yes" in out, out
+    assert "unit: verified" in out, out
     assert "packaged config: valid" in out, out
     assert "run: exit 0" in out and "MQTT listener ready" in out, out
     assert "broker.state" in out and "state files: fieldmq" in out, out
