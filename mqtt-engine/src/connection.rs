@@ -123,6 +123,14 @@ impl Inbox {
         matches!(self.header(), Ok(Some((h, b))) if self.buffer.len() >= h + b)
     }
 
+    /// Gives the buffer back to the allocator when it holds nothing: an
+    /// idle connection then keeps no read buffer at all.
+    pub(crate) fn release(&mut self) {
+        if self.buffer.is_empty() {
+            self.buffer = BytesMut::new();
+        }
+    }
+
     /// A whole packet from the buffer, if one is there.
     fn parse(
         &mut self,
@@ -170,11 +178,18 @@ pub(crate) struct Outbox {
     /// Bytes were written and the stream not flushed since (TLS keeps
     /// records until flushed).
     unflushed: bool,
+    /// The size of the buffer when it was last released: it comes back at
+    /// that size, so a busy connection does not grow it packet by packet
+    /// after every release.
+    last_size: u32,
 }
 
 impl Outbox {
     /// Queues `packet`; nothing is sent before [`poll_flush`](Self::poll_flush).
     pub(crate) fn queue(&mut self, packet: &Packet, version: Protocol) {
+        if self.buffer.capacity() == 0 && self.last_size > 0 {
+            self.buffer.reserve(self.last_size as usize);
+        }
         packet::encode(packet, version, &mut self.buffer);
     }
 
@@ -208,6 +223,15 @@ impl Outbox {
             }
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Gives the buffer back to the allocator when everything was written:
+    /// an idle connection then keeps no write buffer at all.
+    pub(crate) fn release(&mut self) {
+        if self.buffer.is_empty() && self.buffer.capacity() > 0 {
+            self.last_size = self.buffer.capacity().min(MAX_READ) as u32;
+            self.buffer = BytesMut::new();
+        }
     }
 }
 

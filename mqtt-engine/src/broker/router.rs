@@ -10,11 +10,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::session::{Delivery, Envelope, Mailbox, SessionState};
 use super::subscriptions::{Subscriber, SubscriptionTree};
-use crate::packet::{ReasonCode, SubscriptionOptions};
+use crate::packet::SubscriptionOptions;
 use crate::{Message, QoS, TopicError, TopicFilter, TopicName};
 
 /// A session as the router knows it.
@@ -23,8 +23,8 @@ pub struct SessionEntry {
     pub state: Arc<tokio::sync::Mutex<SessionState>>,
     /// Where deliveries wait.
     pub mailbox: Arc<Mailbox>,
-    /// Tells the owning connection to go (a takeover), with the reason.
-    pub kick: Option<oneshot::Sender<ReasonCode>>,
+    /// Whether a connection holds the session (claimed, not released).
+    pub held: bool,
     /// Changes whenever a connection claims the session, so timers and a
     /// connection that was taken over know they are stale.
     pub generation: u64,
@@ -40,7 +40,7 @@ pub struct SessionEntry {
     pub offline_since: Option<std::time::SystemTime>,
     /// A will waiting for its delay; published by the will timer or, if the
     /// session ends first, by its expiry (MQTT-3.1.3-9).
-    pub pending_will: Option<crate::packet::Will>,
+    pub pending_will: Option<Box<crate::packet::Will>>,
 }
 
 impl SessionEntry {
@@ -49,7 +49,7 @@ impl SessionEntry {
         SessionEntry {
             state: Default::default(),
             mailbox: Arc::new(Mailbox::new(capacity)),
-            kick: None,
+            held: false,
             generation: 0,
             taken_over_clean: false,
             subscriptions: HashMap::new(),

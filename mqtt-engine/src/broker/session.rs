@@ -10,9 +10,9 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::packet::{Properties, SubscriptionOptions};
@@ -65,38 +65,81 @@ pub struct Delivery {
 }
 
 /// Where routing leaves deliveries for a client, bounded.
+///
+/// It also wakes the connection that owns the session: for new mail, a
+/// takeover, and when the broker stops. The connection polls it (no future
+/// per wait), so an idle connection's task stays small.
 #[derive(Debug)]
 pub struct Mailbox {
-    queue: Mutex<VecDeque<Delivery>>,
-    notify: Notify,
+    inner: Mutex<Inner>,
     capacity: usize,
     dropped: AtomicU64,
     online: AtomicBool,
+    /// The generation of the latest claim of the session: a connection
+    /// with an older one was taken over.
+    holder: AtomicU64,
+    /// The keep-alive deadline of the connection that owns the session, in
+    /// `KeepAlives`' milliseconds, or `GONE` or `EXPIRED`.
+    keepalive: AtomicU64,
+}
+
+/// No deadline: no connection, or one without keep alive.
+const GONE: u64 = u64::MAX;
+/// The deadline passed before the connection moved it.
+const EXPIRED: u64 = 0;
+
+/// What the keep-alive watcher finds in a mailbox.
+pub(crate) enum KeepAliveCheck {
+    /// The deadline moved on to this one.
+    Later(u64),
+    /// It passed: now marked expired; the connection is to be woken.
+    Expired,
+    /// No connection to watch any more.
+    Gone,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    queue: VecDeque<Delivery>,
+    /// The owning connection's task, while it waits.
+    waker: Option<Waker>,
+    /// Something happened since the connection last looked: like
+    /// `Notify::notify_one`, a signal without a waiter is kept for it.
+    signalled: bool,
+}
+
+impl Inner {
+    /// Marks the mailbox signalled; the waker to wake once the lock is gone.
+    fn signal(&mut self) -> Option<Waker> {
+        self.signalled = true;
+        self.waker.take()
+    }
 }
 
 impl Mailbox {
     /// An empty mailbox holding at most `capacity` deliveries.
     pub fn new(capacity: usize) -> Self {
         Mailbox {
-            queue: Mutex::new(VecDeque::new()),
-            notify: Notify::new(),
+            inner: Mutex::new(Inner::default()),
             capacity,
             dropped: AtomicU64::new(0),
             online: AtomicBool::new(false),
+            holder: AtomicU64::new(0),
+            keepalive: AtomicU64::new(GONE),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Delivery>> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every update is one push or pop: a poisoned queue is still whole.
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues a delivery. A full mailbox drops it, counted and logged
     /// (first drop, then every thousandth), and returns false.
     pub fn push(&self, client: &str, delivery: Delivery) -> bool {
-        let mut queue = self.lock();
-        if queue.len() >= self.capacity {
-            drop(queue);
+        let mut inner = self.lock();
+        if inner.queue.len() >= self.capacity {
+            drop(inner);
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if dropped == 1 || dropped % 1000 == 0 {
                 tracing::warn!(
@@ -108,41 +151,131 @@ impl Mailbox {
             }
             return false;
         }
-        queue.push_back(delivery);
-        drop(queue);
-        self.notify.notify_one();
+        inner.queue.push_back(delivery);
+        let waker = inner.signal();
+        drop(inner);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
         true
+    }
+
+    /// Wakes the owning connection without mail: it then looks at what
+    /// else may have changed (a takeover, the broker stopping).
+    pub fn wake(&self) {
+        let waker = self.lock().signal();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Makes the claim `generation` the session's holder, and wakes the
+    /// connection it takes the session from.
+    pub fn take_over(&self, generation: u64) {
+        // Stored before the wake-up: a woken connection sees it.
+        self.holder.store(generation, Ordering::Release);
+        self.wake();
+    }
+
+    /// Whether a claim later than `generation` took the session over.
+    pub fn taken_over(&self, generation: u64) -> bool {
+        self.holder.load(Ordering::Acquire) > generation
     }
 
     /// Puts a delivery back at the front (it could not be sent yet).
     pub fn unpop(&self, delivery: Delivery) {
-        self.lock().push_front(delivery);
+        self.lock().queue.push_front(delivery);
     }
 
     /// The next delivery.
     pub fn pop(&self) -> Option<Delivery> {
-        self.lock().pop_front()
+        self.lock().queue.pop_front()
     }
 
     /// A copy of what waits, for a snapshot.
     pub fn snapshot(&self) -> Vec<Delivery> {
-        self.lock().iter().cloned().collect()
+        self.lock().queue.iter().cloned().collect()
     }
 
     /// Drops the QoS 0 deliveries still waiting: they were for a connection
     /// that is gone, and QoS 0 is not kept for an absent client.
     pub fn drop_qos0(&self) {
-        self.lock().retain(|d| d.qos != QoS::AtMostOnce);
+        self.lock().queue.retain(|d| d.qos != QoS::AtMostOnce);
     }
 
     /// Empties the mailbox.
     pub fn clear(&self) {
-        self.lock().clear();
+        self.lock().queue.clear();
+    }
+
+    /// Ready once something was pushed (or [`wake`](Self::wake) was
+    /// called) since the last time it was ready; otherwise `cx` is woken
+    /// then. One waiter at a time: the connection that owns the session.
+    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inner = self.lock();
+        if std::mem::take(&mut inner.signalled) {
+            return Poll::Ready(());
+        }
+        match &mut inner.waker {
+            Some(waker) => waker.clone_from(cx.waker()),
+            slot @ None => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// The connection that owned the session ends: its waker goes (a stale
+    /// one would keep the finished task's memory as long as the session
+    /// lives), and so does its keep-alive deadline.
+    pub fn disconnected(&self) {
+        self.keepalive.store(GONE, Ordering::Release);
+        let waker = self.lock().waker.take();
+        drop(waker);
+    }
+
+    /// Sets the first keep-alive deadline of a new connection.
+    pub(crate) fn start_keepalive(&self, deadline: u64) {
+        self.keepalive.store(deadline, Ordering::Release);
+    }
+
+    /// Moves the keep-alive deadline on, at a packet; false when it had
+    /// expired already (the connection is closing for it).
+    pub(crate) fn set_keepalive_deadline(&self, deadline: u64) -> bool {
+        let moved = |d| (d != EXPIRED).then_some(deadline);
+        self.keepalive.fetch_update(Ordering::AcqRel, Ordering::Acquire, moved).is_ok()
+    }
+
+    /// Whether the keep-alive deadline passed.
+    pub(crate) fn keepalive_expired(&self) -> bool {
+        self.keepalive.load(Ordering::Acquire) == EXPIRED
+    }
+
+    /// The keep-alive deadline, while there is one.
+    pub(crate) fn keepalive_deadline(&self) -> Option<u64> {
+        let deadline = self.keepalive.load(Ordering::Acquire);
+        (deadline != GONE && deadline != EXPIRED).then_some(deadline)
+    }
+
+    /// For the keep-alive watcher at `now`: marks the deadline expired if it
+    /// passed, unless the connection moves it at the same moment.
+    pub(crate) fn check_keepalive(&self, now: u64) -> KeepAliveCheck {
+        let mut deadline = self.keepalive.load(Ordering::Acquire);
+        loop {
+            if deadline == GONE || deadline == EXPIRED {
+                return KeepAliveCheck::Gone;
+            }
+            if deadline > now {
+                return KeepAliveCheck::Later(deadline);
+            }
+            match self.keepalive.compare_exchange(deadline, EXPIRED, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return KeepAliveCheck::Expired,
+                Err(moved) => deadline = moved,
+            }
+        }
     }
 
     /// Waits until something is pushed.
     pub async fn notified(&self) {
-        self.notify.notified().await
+        std::future::poll_fn(|cx| self.poll_notified(cx)).await
     }
 
     /// How many messages were dropped because the mailbox was full.
@@ -152,7 +285,7 @@ impl Mailbox {
 
     /// How many deliveries wait.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().queue.len()
     }
 
     /// Whether no delivery waits.
