@@ -7,8 +7,8 @@
 //! the session: that connection holds its async lock for its whole life, so
 //! a client-id takeover is "kick the old connection, wait for the lock".
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -72,8 +72,8 @@ pub struct Delivery {
 #[derive(Debug)]
 pub struct Mailbox {
     inner: Mutex<Inner>,
-    capacity: usize,
-    dropped: AtomicU64,
+    /// Every session has one: 32-bit counters keep it a size class smaller.
+    dropped: AtomicU32,
     online: AtomicBool,
     /// The generation of the latest claim of the session: a connection
     /// with an older one was taken over.
@@ -106,6 +106,8 @@ struct Inner {
     /// Something happened since the connection last looked: like
     /// `Notify::notify_one`, a signal without a waiter is kept for it.
     signalled: bool,
+    /// How many deliveries may wait.
+    capacity: u32,
 }
 
 impl Inner {
@@ -120,9 +122,11 @@ impl Mailbox {
     /// An empty mailbox holding at most `capacity` deliveries.
     pub fn new(capacity: usize) -> Self {
         Mailbox {
-            inner: Mutex::new(Inner::default()),
-            capacity,
-            dropped: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+                ..Inner::default()
+            }),
+            dropped: AtomicU32::new(0),
             online: AtomicBool::new(false),
             holder: AtomicU64::new(0),
             keepalive: AtomicU64::new(GONE),
@@ -138,16 +142,12 @@ impl Mailbox {
     /// (first drop, then every thousandth), and returns false.
     pub fn push(&self, client: &str, delivery: Delivery) -> bool {
         let mut inner = self.lock();
-        if inner.queue.len() >= self.capacity {
+        let capacity = inner.capacity;
+        if inner.queue.len() >= capacity as usize {
             drop(inner);
-            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
             if dropped == 1 || dropped % 1000 == 0 {
-                tracing::warn!(
-                    client,
-                    dropped,
-                    capacity = self.capacity,
-                    "client queue full: message dropped"
-                );
+                tracing::warn!(client, dropped, capacity, "client queue full: message dropped");
             }
             return false;
         }
@@ -280,7 +280,7 @@ impl Mailbox {
 
     /// How many messages were dropped because the mailbox was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        u64::from(self.dropped.load(Ordering::Relaxed))
     }
 
     /// How many deliveries wait.
@@ -315,17 +315,20 @@ pub enum Outgoing {
 }
 
 /// The state of a session that outlives its connections.
+///
+/// Every connected client has one, mostly empty: B-trees, which allocate
+/// nothing while empty and are half the size of a hash map, keep it small.
 #[derive(Debug, Default)]
 pub struct SessionState {
     /// Filter (as subscribed, `$share/...` included) to options and id.
-    pub subscriptions: HashMap<String, (SubscriptionOptions, Option<u32>)>,
+    pub subscriptions: BTreeMap<String, (SubscriptionOptions, Option<u32>)>,
     /// Messages to the client in flight, by packet identifier.
     pub outgoing: BTreeMap<u16, Outgoing>,
     /// The last packet identifier used.
     pub last_id: u16,
     /// QoS 2 messages received and not yet released (MQTT 4.3.3, method B's
     /// "store the packet identifier" so a resent PUBLISH is not routed twice).
-    pub incoming_qos2: HashSet<u16>,
+    pub incoming_qos2: BTreeSet<u16>,
 }
 
 impl SessionState {
