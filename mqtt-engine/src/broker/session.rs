@@ -385,6 +385,27 @@ mod tests {
     }
 
     #[test]
+    fn a_signal_without_a_waiting_connection_is_kept_for_it_once() {
+        let m = Mailbox::new(10);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(m.poll_notified(&mut cx).is_pending());
+        m.push("c", delivery());
+        m.push("c", delivery());
+        assert!(m.poll_notified(&mut cx).is_ready());
+        assert!(m.poll_notified(&mut cx).is_pending(), "one permit, as with Notify");
+        m.wake();
+        assert!(m.poll_notified(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn a_takeover_concerns_older_claims_only() {
+        let m = Mailbox::new(1);
+        m.take_over(5);
+        assert!(m.taken_over(4));
+        assert!(!m.taken_over(5));
+    }
+
+    #[test]
     fn packet_ids_skip_those_in_flight_and_wrap_past_zero() {
         let mut s = SessionState { last_id: u16::MAX - 1, ..SessionState::default() };
         s.outgoing.insert(u16::MAX, Outgoing::Released);
