@@ -326,6 +326,26 @@ def test_a_takeover_sends_disconnect_0x8e_to_the_old_connection(port):
     new.expect(13)  # the new connection works
 
 
+def test_a_stop_sends_disconnect_0x8b_to_every_idle_connection(gateway, write_config):
+    # MQTT 5 (4.13.2, Table 2-6): a server shutting down says so with 0x8B;
+    # 3.1.1 has no server DISCONNECT, the connection just closes. Idle
+    # connections wait on no shutdown future of their own: the stop must
+    # still reach each of them.
+    gw = gateway(write_config(BROKER_CONFIG), RUST_LOG="info")
+    port = int(gw.wait_for(r"MQTT listener ready addr=127\.0\.0\.1:(\d+)").group(1))
+    clients = []
+    for i in range(3):
+        c = raw.Raw(port)
+        c.send(raw.connect(f"stop-{i}", v5=i > 0))
+        c.expect(2)
+        clients.append(c)
+    code, _ = gw.stop()
+    assert code == 0
+    assert clients[0].closed() == []
+    for c in clients[1:]:
+        assert c.closed()[-1] == (0xE0, b"\x8b")
+
+
 def test_invalid_filters_get_suback_failure_codes_in_v5(port):
     # MQTT 3.9.3: 0x8F Topic Filter invalid per filter; valid ones still granted.
     c = raw.Raw(port)

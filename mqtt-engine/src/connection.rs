@@ -11,9 +11,11 @@
 //! so a burst of deliveries becomes one system call.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::packet::{self, DecodeError, Packet, Protocol, ReasonCode};
 
@@ -47,65 +49,97 @@ impl ConnectionError {
 const MIN_READ: usize = 256;
 const MAX_READ: usize = 64 * 1024;
 
-/// The reading half of a connection.
-pub struct PacketReader<R> {
-    stream: R,
+/// Bytes read from a peer and not yet decoded, with the framing rules.
+///
+/// It does not own the stream, so a connection can wait for input beside
+/// other things in one small poll function instead of a future per wait.
+#[derive(Debug)]
+pub(crate) struct Inbox {
     buffer: BytesMut,
     /// How much room the next read gets.
-    read_size: usize,
-    max_packet_size: usize,
-    /// Known once CONNECT has been read.
-    pub version: Option<Protocol>,
+    read_size: u32,
 }
 
-impl<R: AsyncRead + Unpin> PacketReader<R> {
-    /// A reader refusing packets larger than `max_packet_size` bytes.
-    pub fn new(stream: R, max_packet_size: usize) -> Self {
-        PacketReader { stream, buffer: BytesMut::new(), read_size: MIN_READ, max_packet_size, version: None }
+impl Inbox {
+    pub(crate) fn new() -> Self {
+        Inbox { buffer: BytesMut::new(), read_size: MIN_READ as u32 }
     }
 
-    /// The next packet, or `None` when the peer closed cleanly between packets.
-    pub async fn read_packet(&mut self) -> Result<Option<Packet>, ConnectionError> {
+    /// Reads until a whole packet is buffered and decodes it; `None` when
+    /// the peer closed cleanly between packets.
+    pub(crate) fn poll_packet<R: AsyncRead + ?Sized>(
+        &mut self,
+        mut stream: Pin<&mut R>,
+        cx: &mut Context<'_>,
+        max_packet_size: usize,
+        version: Option<Protocol>,
+    ) -> Poll<Result<Option<Packet>, ConnectionError>> {
         loop {
-            if let Some(packet) = self.parse()? {
-                return Ok(Some(packet));
+            if let Some(packet) = self.parse(max_packet_size, version)? {
+                return Poll::Ready(Ok(Some(packet)));
             }
-            if self.buffer.is_empty() && self.buffer.capacity() > 4 * self.read_size {
-                // Back to a small buffer once a burst is over.
-                self.buffer = BytesMut::new();
-            }
-            if self.buffer.capacity() - self.buffer.len() < self.read_size {
-                self.buffer.reserve(self.read_size);
-            }
-            let room = self.buffer.capacity() - self.buffer.len();
-            let n = self.stream.read_buf(&mut self.buffer).await?;
-            if n == 0 {
-                return if self.buffer.is_empty() { Ok(None) } else { Err(ConnectionError::Truncated) };
-            }
-            if n >= room {
-                self.read_size = (self.read_size * 2).min(MAX_READ);
-            } else if n < self.read_size / 4 {
-                self.read_size = (self.read_size / 2).max(MIN_READ);
+            if ready!(self.poll_fill(stream.as_mut(), cx))? == 0 {
+                return Poll::Ready(if self.buffer.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ConnectionError::Truncated)
+                });
             }
         }
     }
 
+    /// One read into the buffer; 0 at the end of the stream.
+    fn poll_fill<R: AsyncRead + ?Sized>(
+        &mut self,
+        stream: Pin<&mut R>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let read_size = self.read_size as usize;
+        if self.buffer.is_empty() && self.buffer.capacity() > 4 * read_size {
+            // Back to a small buffer once a burst is over.
+            self.buffer = BytesMut::new();
+        }
+        if self.buffer.capacity() - self.buffer.len() < read_size {
+            self.buffer.reserve(read_size);
+        }
+        let room = self.buffer.capacity() - self.buffer.len();
+        let n = ready!(tokio_util::io::poll_read_buf(stream, cx, &mut self.buffer))?;
+        if n >= room {
+            self.read_size = (read_size * 2).min(MAX_READ) as u32;
+        } else if n < read_size / 4 {
+            self.read_size = (read_size / 2).max(MIN_READ) as u32;
+        }
+        Poll::Ready(Ok(n))
+    }
+
     /// Whether bytes of a further packet are already buffered.
-    pub fn has_buffered(&self) -> bool {
+    pub(crate) fn has_buffered(&self) -> bool {
         !self.buffer.is_empty()
     }
 
     /// Whether a whole packet is already buffered: a connection can then
     /// answer it before flushing, so a burst of packets costs one write.
-    pub fn has_complete_packet(&self) -> bool {
+    pub(crate) fn has_complete_packet(&self) -> bool {
         matches!(self.header(), Ok(Some((h, b))) if self.buffer.len() >= h + b)
     }
 
+    /// Gives the buffer back to the allocator when it holds nothing: an
+    /// idle connection then keeps no read buffer at all.
+    pub(crate) fn release(&mut self) {
+        if self.buffer.is_empty() {
+            self.buffer = BytesMut::new();
+        }
+    }
+
     /// A whole packet from the buffer, if one is there.
-    fn parse(&mut self) -> Result<Option<Packet>, ConnectionError> {
+    fn parse(
+        &mut self,
+        max_packet_size: usize,
+        version: Option<Protocol>,
+    ) -> Result<Option<Packet>, ConnectionError> {
         let Some((header_len, body_len)) = self.header()? else { return Ok(None) };
         let total = header_len + body_len;
-        if total > self.max_packet_size {
+        if total > max_packet_size {
             return Err(
                 DecodeError::new(ReasonCode::PACKET_TOO_LARGE, "a packet larger than the maximum").into()
             );
@@ -117,7 +151,7 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
         let first = self.buffer[0];
         self.buffer.advance(header_len);
         let body = self.buffer.split_to(body_len).freeze();
-        Ok(Some(packet::decode(first, body, self.version)?))
+        Ok(Some(packet::decode(first, body, version)?))
     }
 
     /// The fixed header's length and the remaining length, once complete.
@@ -134,10 +168,118 @@ impl<R: AsyncRead + Unpin> PacketReader<R> {
     }
 }
 
+/// Encoded packets waiting to be written, so a burst of deliveries becomes
+/// one system call. Like [`Inbox`], it does not own the stream.
+#[derive(Debug, Default)]
+pub(crate) struct Outbox {
+    buffer: BytesMut,
+    /// How much of the buffer is written already.
+    written: usize,
+    /// Bytes were written and the stream not flushed since (TLS keeps
+    /// records until flushed).
+    unflushed: bool,
+    /// The size of the buffer when it was last released: it comes back at
+    /// that size, so a busy connection does not grow it packet by packet
+    /// after every release.
+    last_size: u32,
+}
+
+impl Outbox {
+    /// Queues `packet`; nothing is sent before [`poll_flush`](Self::poll_flush).
+    pub(crate) fn queue(&mut self, packet: &Packet, version: Protocol) {
+        if self.buffer.capacity() == 0 && self.last_size > 0 {
+            self.buffer.reserve(self.last_size as usize);
+        }
+        packet::encode(packet, version, &mut self.buffer);
+    }
+
+    /// Bytes queued and not yet written.
+    pub(crate) fn pending(&self) -> usize {
+        self.buffer.len() - self.written
+    }
+
+    /// Writes everything queued, then flushes the stream.
+    pub(crate) fn poll_flush<W: AsyncWrite + ?Sized>(
+        &mut self,
+        mut stream: Pin<&mut W>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        while self.written < self.buffer.len() {
+            let n = ready!(stream.as_mut().poll_write(cx, &self.buffer[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+            self.unflushed = true;
+        }
+        self.buffer.clear();
+        self.written = 0;
+        if self.unflushed {
+            ready!(stream.poll_flush(cx))?;
+            self.unflushed = false;
+            if self.buffer.capacity() > MAX_READ {
+                // A burst is over: do not keep its buffer.
+                self.buffer = BytesMut::new();
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Gives the buffer back to the allocator when everything was written:
+    /// an idle connection then keeps no write buffer at all.
+    pub(crate) fn release(&mut self) {
+        if self.buffer.is_empty() && self.buffer.capacity() > 0 {
+            self.last_size = self.buffer.capacity().min(MAX_READ) as u32;
+            self.buffer = BytesMut::new();
+        }
+    }
+}
+
+/// The size `packet` takes encoded for `version`.
+pub(crate) fn encoded_len(packet: &Packet, version: Protocol) -> usize {
+    let mut scratch = BytesMut::new();
+    packet::encode(packet, version, &mut scratch);
+    scratch.len()
+}
+
+/// The reading half of a connection.
+pub struct PacketReader<R> {
+    stream: R,
+    inbox: Inbox,
+    max_packet_size: usize,
+    /// Known once CONNECT has been read.
+    pub version: Option<Protocol>,
+}
+
+impl<R: AsyncRead + Unpin> PacketReader<R> {
+    /// A reader refusing packets larger than `max_packet_size` bytes.
+    pub fn new(stream: R, max_packet_size: usize) -> Self {
+        PacketReader { stream, inbox: Inbox::new(), max_packet_size, version: None }
+    }
+
+    /// The next packet, or `None` when the peer closed cleanly between packets.
+    pub async fn read_packet(&mut self) -> Result<Option<Packet>, ConnectionError> {
+        let PacketReader { stream, inbox, max_packet_size, version } = self;
+        std::future::poll_fn(|cx| inbox.poll_packet(Pin::new(&mut *stream), cx, *max_packet_size, *version))
+            .await
+    }
+
+    /// Whether bytes of a further packet are already buffered.
+    pub fn has_buffered(&self) -> bool {
+        self.inbox.has_buffered()
+    }
+
+    /// Whether a whole packet is already buffered: a connection can then
+    /// answer it before flushing, so a burst of packets costs one write.
+    pub fn has_complete_packet(&self) -> bool {
+        self.inbox.has_complete_packet()
+    }
+}
+
 /// The writing half of a connection.
 pub struct PacketWriter<W> {
     stream: W,
-    buffer: BytesMut,
+    outbox: Outbox,
     /// The version packets are encoded for.
     pub version: Protocol,
 }
@@ -145,38 +287,28 @@ pub struct PacketWriter<W> {
 impl<W: AsyncWrite + Unpin> PacketWriter<W> {
     /// A writer encoding for `version` (3.1.1 until CONNECT says otherwise).
     pub fn new(stream: W) -> Self {
-        PacketWriter { stream, buffer: BytesMut::new(), version: Protocol::V311 }
+        PacketWriter { stream, outbox: Outbox::default(), version: Protocol::V311 }
     }
 
     /// Queues `packet`; nothing is sent before [`flush`](Self::flush).
     pub fn queue(&mut self, packet: &Packet) {
-        packet::encode(packet, self.version, &mut self.buffer);
+        self.outbox.queue(packet, self.version);
     }
 
     /// The size `packet` would take, to respect a client's maximum packet size.
     pub fn encoded_len(&self, packet: &Packet) -> usize {
-        let mut scratch = BytesMut::new();
-        packet::encode(packet, self.version, &mut scratch);
-        scratch.len()
+        encoded_len(packet, self.version)
     }
 
     /// Bytes queued and not yet written.
     pub fn pending(&self) -> usize {
-        self.buffer.len()
+        self.outbox.pending()
     }
 
     /// Writes everything queued.
     pub async fn flush(&mut self) -> io::Result<()> {
-        if !self.buffer.is_empty() {
-            self.stream.write_all(&self.buffer).await?;
-            self.buffer.clear();
-            self.stream.flush().await?;
-            if self.buffer.capacity() > MAX_READ {
-                // A burst is over: do not keep its buffer.
-                self.buffer = BytesMut::new();
-            }
-        }
-        Ok(())
+        let PacketWriter { stream, outbox, .. } = self;
+        std::future::poll_fn(|cx| outbox.poll_flush(Pin::new(&mut *stream), cx)).await
     }
 
     /// Flushes, then shuts the stream down; gives up after a second (a peer
@@ -220,7 +352,7 @@ mod tests {
         client.write_all(&[0x30, 0xff, 0xff, 0xff, 0x7f]).await.unwrap();
         let err = reader.read_packet().await.unwrap_err();
         assert_eq!(err.reason(), Some(ReasonCode::PACKET_TOO_LARGE));
-        assert!(reader.buffer.capacity() < 1 << 20, "nothing was allocated for the body");
+        assert!(reader.inbox.buffer.capacity() < 1 << 20, "nothing was allocated for the body");
     }
 
     #[tokio::test]

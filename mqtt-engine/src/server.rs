@@ -52,10 +52,6 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let broker = broker.clone();
-        clients.spawn(async move {
-            serve_client(stream, broker, peer.to_string()).await;
-            drop(permit);
-        });
+        clients.spawn(serve_client(stream, broker.clone(), peer.to_string(), permit));
     }
 }

@@ -8,7 +8,8 @@
 //! - `router.rs`: sessions, subscriptions, retained messages; routing.
 //! - `subscriptions.rs`: the topic trie.
 //! - `session.rs`: per-client mailbox and session state.
-//! - `client.rs`: one network client's protocol, from CONNECT to close.
+//! - `client.rs`: one network client's protocol.
+//! - `serve.rs`: the task of one connection, from CONNECT to close.
 //!
 //! Session life cycle: a connection *claims* its client id's session
 //! (kicking a connection that holds it, MQTT-3.1.4-3), owns it while
@@ -18,8 +19,10 @@
 //! is published after the will delay unless the client comes back first.
 
 mod client;
+mod keepalive;
 mod persist;
 mod router;
+mod serve;
 mod session;
 mod subscriptions;
 
@@ -27,15 +30,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, OwnedMutexGuard};
+use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
-pub use client::serve_client;
+use keepalive::KeepAlives;
 use router::{Router, SessionEntry};
+pub use serve::serve_client;
 pub use session::{Delivery, Envelope, Mailbox, SessionState};
 
 use crate::buffer::{Buffer, Offer};
-use crate::packet::{Properties, ReasonCode, Will};
+use crate::packet::{Properties, Will};
 use crate::{Message, Subscription, TopicFilter, TopicName};
 
 /// Limits and advertised capabilities of the broker.
@@ -89,6 +93,8 @@ struct Shared {
     changes: AtomicU64,
     /// Where messages bound upstream become durable, when there is an upstream.
     buffer: RwLock<Option<Buffer>>,
+    /// The keep-alive deadlines of the connections.
+    keepalives: Arc<KeepAlives>,
 }
 
 /// A claimed session, owned by one connection until released.
@@ -97,19 +103,25 @@ pub struct Claim {
     pub client: Arc<str>,
     /// The session state, locked for this connection.
     pub state: OwnedMutexGuard<SessionState>,
-    /// Its mailbox.
+    /// Its mailbox, which also says when another connection takes the
+    /// session over (see [`Claim::taken_over`]).
     pub mailbox: Arc<Mailbox>,
-    /// Fires when another connection takes the session over.
-    pub kicked: oneshot::Receiver<ReasonCode>,
     /// Whether an earlier session was resumed (CONNACK session present).
     pub session_present: bool,
     generation: u64,
 }
 
+impl Claim {
+    /// Whether another connection claimed the session since this claim.
+    pub fn taken_over(&self) -> bool {
+        self.mailbox.taken_over(self.generation)
+    }
+}
+
 /// How a connection ended, for its will and its session.
 pub struct Ending {
     /// The will to publish, unless the client said DISCONNECT 0x00.
-    pub will: Option<Will>,
+    pub will: Option<Box<Will>>,
     /// Session expiry in seconds (`u32::MAX`: never).
     pub session_expiry: u32,
 }
@@ -130,6 +142,7 @@ impl Broker {
                 shutdown: CancellationToken::new(),
                 changes: AtomicU64::new(0),
                 buffer: RwLock::new(None),
+                keepalives: Arc::new(KeepAlives::new()),
             }),
         }
     }
@@ -146,7 +159,19 @@ impl Broker {
 
     /// Closes every connection (DISCONNECT 0x8B in MQTT 5).
     pub fn shut_down(&self) {
+        // Cancelled first: a connection that claims its session after the
+        // wake-up below finds the token cancelled when it first looks.
         self.shared.shutdown.cancel();
+        // Connections wait on their mailbox, not on the token (a future
+        // per connection for an event that happens once).
+        for entry in self.router().sessions.values() {
+            entry.mailbox.wake();
+        }
+    }
+
+    /// Whether [`shut_down`](Self::shut_down) was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shared.shutdown.is_cancelled()
     }
 
     fn router(&self) -> MutexGuard<'_, Router> {
@@ -253,7 +278,6 @@ impl Broker {
 
     /// Claims the session of `client`, kicking a connection that holds it.
     pub async fn claim(&self, client: Arc<str>, clean_start: bool, session_expiry: u32) -> Claim {
-        let (kick_tx, kicked) = oneshot::channel();
         let (state, mailbox, existed, generation) = {
             let mut router = self.router();
             let generation = router.next_generation();
@@ -262,12 +286,11 @@ impl Broker {
             // A session held by a connection whose session ends with it (a
             // clean session) is not resumed by a takeover: it was never
             // going to outlive that connection.
-            let ends_with_holder = entry.kick.is_some() && entry.expiry == 0;
+            let ends_with_holder = entry.held && entry.expiry == 0;
             let existed = entry.generation != 0 && !ends_with_holder;
-            if let Some(kick) = entry.kick.take() {
-                let _ = kick.send(ReasonCode::SESSION_TAKEN_OVER);
-            }
-            entry.kick = Some(kick_tx);
+            // Tells the connection holding the session, if any, to go.
+            entry.mailbox.take_over(generation);
+            entry.held = true;
             entry.generation = generation;
             entry.taken_over_clean = clean_start || ends_with_holder;
             // Known from the start, so a snapshot taken while the client is
@@ -291,12 +314,29 @@ impl Broker {
         }
         mailbox.set_online(true);
         self.touch();
-        Claim { client, state, mailbox, kicked, session_present, generation }
+        Claim { client, state, mailbox, session_present, generation }
+    }
+
+    /// Starts the keep alive of a claim's connection: it must send a
+    /// packet within `grace` (1.5 x its keep alive), and then again.
+    pub(crate) fn watch_keepalive(&self, claim: &Claim, grace: Duration) {
+        let keepalives = &self.shared.keepalives;
+        claim.mailbox.start_keepalive(keepalives.deadline(grace));
+        keepalives.watch(claim.mailbox.clone(), claim.generation, &self.shared.shutdown);
+    }
+
+    /// Moves a claim's keep-alive deadline to `grace` from now, at a
+    /// packet; false when it had expired already.
+    pub(crate) fn keep_alive(&self, claim: &Claim, grace: Duration) -> bool {
+        claim.mailbox.set_keepalive_deadline(self.shared.keepalives.deadline(grace))
     }
 
     /// Releases a session when its connection ends.
     pub fn release(&self, claim: Claim, ending: Ending) {
         let Claim { client, state, mailbox, generation, .. } = claim;
+        // While the state is still locked: a connection taking over cannot
+        // have registered its own waker and deadline yet.
+        mailbox.disconnected();
         self.touch();
         let mut router = self.router();
         let still_ours = router.sessions.get(&client).is_some_and(|e| e.generation == generation);
@@ -307,7 +347,7 @@ impl Broker {
             drop(router);
             if let Some(will) = ending.will {
                 if clean || will.properties.will_delay_interval.unwrap_or(0) == 0 {
-                    self.publish_will(&client, will);
+                    self.publish_will(&client, *will);
                 }
             }
             return;
@@ -317,7 +357,7 @@ impl Broker {
         // not kept for its return (MQTT 4.4: only QoS 1/2 are queued).
         mailbox.drop_qos0();
         if let Some(entry) = router.sessions.get_mut(&client) {
-            entry.kick = None;
+            entry.held = false;
             entry.expiry = ending.session_expiry;
             entry.offline_since = Some(std::time::SystemTime::now());
         }
@@ -327,7 +367,7 @@ impl Broker {
             drop(router);
             drop(state);
             if let Some(will) = ending.will {
-                self.publish_will(&client, will);
+                self.publish_will(&client, *will);
             }
             return;
         }
@@ -343,7 +383,7 @@ impl Broker {
             // MQTT-3.1.3-9: the will goes when its delay passes or the
             // session ends, whichever is first, unless the client is back.
             if delay.is_zero() || expiry.is_some_and(|e| e.is_zero()) {
-                self.publish_will(&client, will);
+                self.publish_will(&client, *will);
             } else {
                 if let Some(entry) = self.router().sessions.get_mut(&client) {
                     entry.pending_will = Some(will);
@@ -376,7 +416,7 @@ impl Broker {
                 .and_then(|e| e.pending_will.take())
         };
         if let Some(will) = will {
-            self.publish_will(client, will);
+            self.publish_will(client, *will);
         }
     }
 
@@ -396,7 +436,7 @@ impl Broker {
         tracing::debug!(client, "session expired");
         // The session ended before its will's delay: the will goes now.
         if let Some(will) = will {
-            self.publish_will(client, will);
+            self.publish_will(client, *will);
         }
     }
 

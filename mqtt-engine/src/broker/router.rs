@@ -10,11 +10,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::session::{Delivery, Envelope, Mailbox, SessionState};
 use super::subscriptions::{Subscriber, SubscriptionTree};
-use crate::packet::{ReasonCode, SubscriptionOptions};
+use crate::packet::SubscriptionOptions;
 use crate::{Message, QoS, TopicError, TopicFilter, TopicName};
 
 /// A session as the router knows it.
@@ -23,8 +23,8 @@ pub struct SessionEntry {
     pub state: Arc<tokio::sync::Mutex<SessionState>>,
     /// Where deliveries wait.
     pub mailbox: Arc<Mailbox>,
-    /// Tells the owning connection to go (a takeover), with the reason.
-    pub kick: Option<oneshot::Sender<ReasonCode>>,
+    /// Whether a connection holds the session (claimed, not released).
+    pub held: bool,
     /// Changes whenever a connection claims the session, so timers and a
     /// connection that was taken over know they are stale.
     pub generation: u64,
@@ -32,15 +32,16 @@ pub struct SessionEntry {
     pub taken_over_clean: bool,
     /// The session's subscriptions (as subscribed, `$share/...` included),
     /// kept here too so a snapshot can save them while a connection owns
-    /// the session state.
-    pub subscriptions: HashMap<String, (SubscriptionOptions, Option<u32>)>,
+    /// the session state. A B-tree: nothing allocated while empty, and
+    /// half the size of a hash map in every session entry.
+    pub subscriptions: BTreeMap<String, (SubscriptionOptions, Option<u32>)>,
     /// Session expiry in seconds (`u32::MAX`: never), once released.
     pub expiry: u32,
     /// When the session was released, while it is offline.
     pub offline_since: Option<std::time::SystemTime>,
     /// A will waiting for its delay; published by the will timer or, if the
     /// session ends first, by its expiry (MQTT-3.1.3-9).
-    pub pending_will: Option<crate::packet::Will>,
+    pub pending_will: Option<Box<crate::packet::Will>>,
 }
 
 impl SessionEntry {
@@ -49,10 +50,10 @@ impl SessionEntry {
         SessionEntry {
             state: Default::default(),
             mailbox: Arc::new(Mailbox::new(capacity)),
-            kick: None,
+            held: false,
             generation: 0,
             taken_over_clean: false,
-            subscriptions: HashMap::new(),
+            subscriptions: BTreeMap::new(),
             expiry: 0,
             offline_since: None,
             pending_will: None,

@@ -7,12 +7,12 @@
 //! the session: that connection holds its async lock for its whole life, so
 //! a client-id takeover is "kick the old connection, wait for the lock".
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::packet::{Properties, SubscriptionOptions};
@@ -65,94 +65,227 @@ pub struct Delivery {
 }
 
 /// Where routing leaves deliveries for a client, bounded.
+///
+/// It also wakes the connection that owns the session: for new mail, a
+/// takeover, and when the broker stops. The connection polls it (no future
+/// per wait), so an idle connection's task stays small.
 #[derive(Debug)]
 pub struct Mailbox {
-    queue: Mutex<VecDeque<Delivery>>,
-    notify: Notify,
-    capacity: usize,
-    dropped: AtomicU64,
+    inner: Mutex<Inner>,
+    /// Every session has one: 32-bit counters keep it a size class smaller.
+    dropped: AtomicU32,
     online: AtomicBool,
+    /// The generation of the latest claim of the session: a connection
+    /// with an older one was taken over.
+    holder: AtomicU64,
+    /// The keep-alive deadline of the connection that owns the session, in
+    /// `KeepAlives`' milliseconds, or `GONE` or `EXPIRED`.
+    keepalive: AtomicU64,
+}
+
+/// No deadline: no connection, or one without keep alive.
+const GONE: u64 = u64::MAX;
+/// The deadline passed before the connection moved it.
+const EXPIRED: u64 = 0;
+
+/// What the keep-alive watcher finds in a mailbox.
+pub(crate) enum KeepAliveCheck {
+    /// The deadline moved on to this one.
+    Later(u64),
+    /// It passed: now marked expired; the connection is to be woken.
+    Expired,
+    /// No connection to watch any more.
+    Gone,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    queue: VecDeque<Delivery>,
+    /// The owning connection's task, while it waits.
+    waker: Option<Waker>,
+    /// Something happened since the connection last looked: like
+    /// `Notify::notify_one`, a signal without a waiter is kept for it.
+    signalled: bool,
+    /// How many deliveries may wait.
+    capacity: u32,
+}
+
+impl Inner {
+    /// Marks the mailbox signalled; the waker to wake once the lock is gone.
+    fn signal(&mut self) -> Option<Waker> {
+        self.signalled = true;
+        self.waker.take()
+    }
 }
 
 impl Mailbox {
     /// An empty mailbox holding at most `capacity` deliveries.
     pub fn new(capacity: usize) -> Self {
         Mailbox {
-            queue: Mutex::new(VecDeque::new()),
-            notify: Notify::new(),
-            capacity,
-            dropped: AtomicU64::new(0),
+            inner: Mutex::new(Inner {
+                capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
+                ..Inner::default()
+            }),
+            dropped: AtomicU32::new(0),
             online: AtomicBool::new(false),
+            holder: AtomicU64::new(0),
+            keepalive: AtomicU64::new(GONE),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, VecDeque<Delivery>> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // Every update is one push or pop: a poisoned queue is still whole.
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Queues a delivery. A full mailbox drops it, counted and logged
     /// (first drop, then every thousandth), and returns false.
     pub fn push(&self, client: &str, delivery: Delivery) -> bool {
-        let mut queue = self.lock();
-        if queue.len() >= self.capacity {
-            drop(queue);
-            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut inner = self.lock();
+        let capacity = inner.capacity;
+        if inner.queue.len() >= capacity as usize {
+            drop(inner);
+            let dropped = self.dropped.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
             if dropped == 1 || dropped % 1000 == 0 {
-                tracing::warn!(
-                    client,
-                    dropped,
-                    capacity = self.capacity,
-                    "client queue full: message dropped"
-                );
+                tracing::warn!(client, dropped, capacity, "client queue full: message dropped");
             }
             return false;
         }
-        queue.push_back(delivery);
-        drop(queue);
-        self.notify.notify_one();
+        inner.queue.push_back(delivery);
+        let waker = inner.signal();
+        drop(inner);
+        if let Some(waker) = waker {
+            waker.wake();
+        }
         true
+    }
+
+    /// Wakes the owning connection without mail: it then looks at what
+    /// else may have changed (a takeover, the broker stopping).
+    pub fn wake(&self) {
+        let waker = self.lock().signal();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Makes the claim `generation` the session's holder, and wakes the
+    /// connection it takes the session from.
+    pub fn take_over(&self, generation: u64) {
+        // Stored before the wake-up: a woken connection sees it.
+        self.holder.store(generation, Ordering::Release);
+        self.wake();
+    }
+
+    /// Whether a claim later than `generation` took the session over.
+    pub fn taken_over(&self, generation: u64) -> bool {
+        self.holder.load(Ordering::Acquire) > generation
     }
 
     /// Puts a delivery back at the front (it could not be sent yet).
     pub fn unpop(&self, delivery: Delivery) {
-        self.lock().push_front(delivery);
+        self.lock().queue.push_front(delivery);
     }
 
     /// The next delivery.
     pub fn pop(&self) -> Option<Delivery> {
-        self.lock().pop_front()
+        self.lock().queue.pop_front()
     }
 
     /// A copy of what waits, for a snapshot.
     pub fn snapshot(&self) -> Vec<Delivery> {
-        self.lock().iter().cloned().collect()
+        self.lock().queue.iter().cloned().collect()
     }
 
     /// Drops the QoS 0 deliveries still waiting: they were for a connection
     /// that is gone, and QoS 0 is not kept for an absent client.
     pub fn drop_qos0(&self) {
-        self.lock().retain(|d| d.qos != QoS::AtMostOnce);
+        self.lock().queue.retain(|d| d.qos != QoS::AtMostOnce);
     }
 
     /// Empties the mailbox.
     pub fn clear(&self) {
-        self.lock().clear();
+        self.lock().queue.clear();
+    }
+
+    /// Ready once something was pushed (or [`wake`](Self::wake) was
+    /// called) since the last time it was ready; otherwise `cx` is woken
+    /// then. One waiter at a time: the connection that owns the session.
+    pub fn poll_notified(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut inner = self.lock();
+        if std::mem::take(&mut inner.signalled) {
+            return Poll::Ready(());
+        }
+        match &mut inner.waker {
+            Some(waker) => waker.clone_from(cx.waker()),
+            slot @ None => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    /// The connection that owned the session ends: its waker goes (a stale
+    /// one would keep the finished task's memory as long as the session
+    /// lives), and so does its keep-alive deadline.
+    pub fn disconnected(&self) {
+        self.keepalive.store(GONE, Ordering::Release);
+        let waker = self.lock().waker.take();
+        drop(waker);
+    }
+
+    /// Sets the first keep-alive deadline of a new connection.
+    pub(crate) fn start_keepalive(&self, deadline: u64) {
+        self.keepalive.store(deadline, Ordering::Release);
+    }
+
+    /// Moves the keep-alive deadline on, at a packet; false when it had
+    /// expired already (the connection is closing for it).
+    pub(crate) fn set_keepalive_deadline(&self, deadline: u64) -> bool {
+        let moved = |d| (d != EXPIRED).then_some(deadline);
+        self.keepalive.fetch_update(Ordering::AcqRel, Ordering::Acquire, moved).is_ok()
+    }
+
+    /// Whether the keep-alive deadline passed.
+    pub(crate) fn keepalive_expired(&self) -> bool {
+        self.keepalive.load(Ordering::Acquire) == EXPIRED
+    }
+
+    /// The keep-alive deadline, while there is one.
+    pub(crate) fn keepalive_deadline(&self) -> Option<u64> {
+        let deadline = self.keepalive.load(Ordering::Acquire);
+        (deadline != GONE && deadline != EXPIRED).then_some(deadline)
+    }
+
+    /// For the keep-alive watcher at `now`: marks the deadline expired if it
+    /// passed, unless the connection moves it at the same moment.
+    pub(crate) fn check_keepalive(&self, now: u64) -> KeepAliveCheck {
+        let mut deadline = self.keepalive.load(Ordering::Acquire);
+        loop {
+            if deadline == GONE || deadline == EXPIRED {
+                return KeepAliveCheck::Gone;
+            }
+            if deadline > now {
+                return KeepAliveCheck::Later(deadline);
+            }
+            match self.keepalive.compare_exchange(deadline, EXPIRED, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return KeepAliveCheck::Expired,
+                Err(moved) => deadline = moved,
+            }
+        }
     }
 
     /// Waits until something is pushed.
     pub async fn notified(&self) {
-        self.notify.notified().await
+        std::future::poll_fn(|cx| self.poll_notified(cx)).await
     }
 
     /// How many messages were dropped because the mailbox was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        u64::from(self.dropped.load(Ordering::Relaxed))
     }
 
     /// How many deliveries wait.
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().queue.len()
     }
 
     /// Whether no delivery waits.
@@ -182,17 +315,20 @@ pub enum Outgoing {
 }
 
 /// The state of a session that outlives its connections.
+///
+/// Every connected client has one, mostly empty: B-trees, which allocate
+/// nothing while empty and are half the size of a hash map, keep it small.
 #[derive(Debug, Default)]
 pub struct SessionState {
     /// Filter (as subscribed, `$share/...` included) to options and id.
-    pub subscriptions: HashMap<String, (SubscriptionOptions, Option<u32>)>,
+    pub subscriptions: BTreeMap<String, (SubscriptionOptions, Option<u32>)>,
     /// Messages to the client in flight, by packet identifier.
     pub outgoing: BTreeMap<u16, Outgoing>,
     /// The last packet identifier used.
     pub last_id: u16,
     /// QoS 2 messages received and not yet released (MQTT 4.3.3, method B's
     /// "store the packet identifier" so a resent PUBLISH is not routed twice).
-    pub incoming_qos2: HashSet<u16>,
+    pub incoming_qos2: BTreeSet<u16>,
 }
 
 impl SessionState {
@@ -246,6 +382,27 @@ mod tests {
         m.drop_qos0();
         assert_eq!(m.len(), 1);
         assert_eq!(m.pop().unwrap().qos, QoS::AtLeastOnce);
+    }
+
+    #[test]
+    fn a_signal_without_a_waiting_connection_is_kept_for_it_once() {
+        let m = Mailbox::new(10);
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(m.poll_notified(&mut cx).is_pending());
+        m.push("c", delivery());
+        m.push("c", delivery());
+        assert!(m.poll_notified(&mut cx).is_ready());
+        assert!(m.poll_notified(&mut cx).is_pending(), "one permit, as with Notify");
+        m.wake();
+        assert!(m.poll_notified(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn a_takeover_concerns_older_claims_only() {
+        let m = Mailbox::new(1);
+        m.take_over(5);
+        assert!(m.taken_over(4));
+        assert!(!m.taken_over(5));
     }
 
     #[test]
