@@ -22,7 +22,9 @@ use mqtt_engine::{TopicFilter, TopicName};
 fn written_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/io")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("write_bytes: ").and_then(|v| v.trim().parse().ok())))
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("write_bytes: ").and_then(|v| v.trim().parse().ok()))
+        })
         .unwrap_or(0)
 }
 
@@ -42,7 +44,9 @@ fn bare(dir: &Path, seconds: f64, commit: Duration) -> rusqlite::Result<(f64, f6
     let mut conn = rusqlite::Connection::open(&path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.execute_batch("CREATE TABLE rows (id INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL)")?;
+    conn.execute_batch(
+        "CREATE TABLE rows (id INTEGER PRIMARY KEY, topic TEXT NOT NULL, payload BLOB NOT NULL)",
+    )?;
     let topics: Vec<String> = (0..100).map(|i| format!("fieldmq/pi-01/meter-{i:02}")).collect();
     let payloads: Vec<Bytes> = (0..1000).map(reading).collect();
     let start = Instant::now();
@@ -56,7 +60,10 @@ fn bare(dir: &Path, seconds: f64, commit: Duration) -> rusqlite::Result<(f64, f6
             // As many rows as fit in one commit interval.
             while batch_start.elapsed() < commit {
                 for _ in 0..256 {
-                    insert.execute(rusqlite::params![topics[(rows % 100) as usize], &payloads[(rows % 1000) as usize][..]])?;
+                    insert.execute(rusqlite::params![
+                        topics[(rows % 100) as usize],
+                        &payloads[(rows % 1000) as usize][..]
+                    ])?;
                     rows += 1;
                 }
             }
@@ -73,7 +80,8 @@ fn buffered(dir: &Path, seconds: f64, commit: Duration) -> (f64, f64, u64) {
     for side in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{side}", path.display()));
     }
-    let settings = BufferSettings { path, max_size: 16 << 30, when_full: WhenFull::DropOldest, commit_interval: commit };
+    let settings =
+        BufferSettings { path, max_size: 16 << 30, when_full: WhenFull::DropOldest, commit_interval: commit };
     let route = Route { name: "cloud".into(), forward: vec![TopicFilter::new("fieldmq/#").expect("filter")] };
     let buffer = match Buffer::open(settings, &[route]) {
         Ok(b) => b,
@@ -97,7 +105,8 @@ fn buffered(dir: &Path, seconds: f64, commit: Duration) -> (f64, f64, u64) {
             continue;
         }
         for _ in 0..256 {
-            match buffer.offer(&topics[(offered % 100) as usize], &payloads[(offered % 1000) as usize], false) {
+            match buffer.offer(&topics[(offered % 100) as usize], &payloads[(offered % 1000) as usize], false)
+            {
                 Offer::Taken(_) => offered += 1,
                 other => {
                     eprintln!("offer refused: {other:?}");
