@@ -162,7 +162,9 @@ impl PolledDevice for ModbusPoller {
                 return Err(format!("no attribute `{attribute}`"));
             };
             let op = match (spec.bit, data) {
-                (Some(bit), Response::Bits(b)) => Op::WriteBit(spec.register, bit, b.first().copied().unwrap_or(false)),
+                (Some(bit), Response::Bits(b)) => {
+                    Op::WriteBit(spec.register, bit, b.first().copied().unwrap_or(false))
+                }
                 (_, data) => Op::Write(spec.register, data),
             };
             self.link
