@@ -811,3 +811,17 @@ def test_a_reload_that_fixes_the_upstream_keeps_the_backlog(peers, pki):
     after = lan.publish(10, rate=100)
     assert lan.wait_acked(timeout=5)
     assert_all_in_order(wait_delivered(rec, before + after), before + after)
+
+
+def test_publishes_acknowledged_right_after_start_are_buffered(peers, pki):
+    """Scenario: the gateway restarts and LAN devices reconnect at once,
+    publishing before it finished starting. Every QoS 1 message the broker
+    acknowledged is buffered and reaches the cloud (the buffer is attached
+    before the listener accepts anyone)."""
+    up = peers.upstream()
+    rec = peers.recorder(up)
+    gw, port = peers.start_gateway(gateway_toml(upstream_section(up, pki)))
+    lan = peers.lan(port)
+    published = lan.publish(500, wait=False)
+    assert lan.wait_acked(timeout=10)
+    assert_all_in_order(wait_delivered(rec, published), published)

@@ -73,6 +73,15 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
     let autosave_stop = CancellationToken::new();
     let autosave =
         tokio::spawn(broker_state::autosave(broker.clone(), config.data_dir.clone(), autosave_stop.clone()));
+    // The buffer is attached before any LAN client can connect: a QoS 1
+    // publish acknowledged in between would not have been buffered.
+    let mut uplink = match Uplink::start(&config, &broker).await {
+        Ok(uplink) => uplink,
+        Err(message) => {
+            tracing::error!("{message}");
+            return ExitCode::FAILURE;
+        }
+    };
     let listeners = match bind(&config).await {
         Ok(listeners) => listeners,
         Err(message) => {
@@ -89,13 +98,6 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
         servers.spawn(server::serve(listener, broker.clone(), slots.clone(), broker.shutdown_token()));
     }
     servers.close();
-    let mut uplink = match Uplink::start(&config, &broker).await {
-        Ok(uplink) => uplink,
-        Err(message) => {
-            tracing::error!("{message}");
-            return ExitCode::FAILURE;
-        }
-    };
     publish_gateway_status(&broker, &config, true);
     let mut pipeline = Pipeline::start(&config, &broker);
     systemd::notify("READY=1");
