@@ -825,3 +825,48 @@ def test_publishes_acknowledged_right_after_start_are_buffered(peers, pki):
     published = lan.publish(500, wait=False)
     assert lan.wait_acked(timeout=10)
     assert_all_in_order(wait_delivered(rec, published), published)
+
+
+def test_a_full_filesystem_is_handled_like_a_full_buffer(peers, pki, fieldmq_bin, tmp_path):
+    """Scenario: the SD card fills up (ENOSPC) during an outage, long before
+    max_size. The gateway does not crash: drop-oldest makes room, says so in
+    the log, and when the cloud returns it gets the newest messages, an
+    unbroken run ending at the last one published. (The data directory is a
+    600 KiB tmpfs in the gateway's own mount namespace: needs root.)"""
+    import os
+    if os.geteuid() != 0:
+        pytest.fail("this test mounts a small tmpfs in a private mount namespace: run it as root")
+    data = tmp_path / "data"
+    data.mkdir()
+    wrapper = tmp_path / "fieldmq-on-small-disk"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        "exec unshare --mount --propagation private -- sh -c "
+        "'mount -t tmpfs -o size=600k tmpfs \"$1\" || exit 97; shift; exec \"$@\"' "
+        f"sh {data} {fieldmq_bin} \"$@\"\n"
+    )
+    wrapper.chmod(0o755)
+    up = peers.upstream()
+    rec = peers.recorder(up)
+    up.stop()
+    config = peers._write_config(gateway_toml(upstream_section(up, pki), buffer={"max_size": "256MiB"}))
+    peers.config = config
+    from conftest import Gateway, clean_env
+    gw = Gateway(str(wrapper), config, tmp_path, clean_env(RUST_LOG="info"))
+    peers.gateways.append(gw)
+    peers.track(gw.kill)
+    port = int(gw.wait_for(r"MQTT listener ready addr=127\.0\.0\.1:(\d+)").group(1))
+    lan = peers.lan(port, size=2048)
+    published = lan.publish(1500, wait=False)
+    assert lan.wait_acked(timeout=30), f"unacknowledged: {lan.unacked()[:10]}"
+    wait_log(gw, r"buffer full", timeout=10)
+    assert gw.proc.poll() is None, "the gateway died on a full disk"
+
+    up.start()
+    wait_delivered(rec, [published[-1]], timeout=20)
+    time.sleep(1.0)
+    order, _ = seq_report(rec.messages(), UP_SEQ)
+    first = min(order)
+    assert first > 0, "a 600 KiB disk cannot hold 3 MB: something must have been dropped"
+    assert sorted(order) == list(range(first, published[-1] + 1)), "not a contiguous newest tail"
+    print(f"kept {len(order)} of {len(published)}; first kept {first}")
