@@ -160,52 +160,20 @@ class Failed(Exception):
 
 
 # --------------------------------------------------------------------------
-# PKI (as tests/upstream_peer.py: X.509 v3 with SAN and EKUs, which rustls needs)
+# PKI: the end-to-end tests' own (X.509 v3 with SAN and EKUs, which rustls needs)
 
-OPENSSL_CNF = """
-[req]
-distinguished_name = dn
-[dn]
-[ca]
-basicConstraints = critical, CA:TRUE
-keyUsage = critical, keyCertSign, cRLSign
-subjectKeyIdentifier = hash
-[server]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = serverAuth
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-subjectAltName = DNS:localhost, IP:127.0.0.1
-[client]
-basicConstraints = critical, CA:FALSE
-keyUsage = critical, digitalSignature
-extendedKeyUsage = clientAuth
-subjectKeyIdentifier = hash
-authorityKeyIdentifier = keyid
-"""
+sys.path.insert(0, str(ROOT / "tests"))
+from upstream_peer import make_pki  # noqa: E402
 
 
 class Pki:
+    """make_pki's files under the names this script uses."""
+
     def __init__(self, d):
-        self.dir = d
-        d.mkdir()
-        (d / "openssl.cnf").write_text(OPENSSL_CNF)
-        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
-
-        def openssl(*args):
-            subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
-
-        openssl("req", "-config", "openssl.cnf", "-x509", "-new", *key, "-keyout", "ca.key", "-out", "ca.pem",
-                "-days", "2", "-subj", "/CN=bench CA", "-extensions", "ca")
-        for name, cn in (("server", "localhost"), ("client", "bench-gateway")):
-            openssl("req", "-config", "openssl.cnf", "-new", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                    "-subj", f"/CN={cn}")
-            openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial",
-                    f"0x{os.urandom(8).hex()}", "-days", "2", "-extfile", "openssl.cnf", "-extensions", name,
-                    "-out", f"{name}.pem")
-        self.ca, self.cert, self.key = d / "ca.pem", d / "client.pem", d / "client.key"
-        self.server_cert, self.server_key = d / "server.pem", d / "server.key"
+        made = make_pki(d)
+        self.dir = made.dir
+        self.ca, self.cert, self.key = made.ca, made.client, made.client_key
+        self.server_cert, self.server_key = made.server, made.server_key
 
 
 # --------------------------------------------------------------------------

@@ -28,6 +28,7 @@ pub mod connection;
 mod local;
 mod message;
 pub mod packet;
+mod random;
 pub mod server;
 mod topic;
 

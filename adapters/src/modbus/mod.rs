@@ -82,18 +82,6 @@ impl Link {
             None => Err(ReadError { error: DeviceError::new("no data"), retryable: true }),
         }
     }
-
-    /// Writes to `unit`: `Bits` to a coil (function 5), `Registers` to
-    /// holding registers (function 6 for one, 16 for several).
-    pub async fn write(
-        &self,
-        unit: u8,
-        register: u16,
-        data: Response,
-        limit: Duration,
-    ) -> Result<(), ReadError> {
-        self.request(unit, Op::Write(register, data), limit).await.map(|_| ())
-    }
 }
 
 /// Polls one Modbus device.

@@ -158,18 +158,7 @@ fn jitter(ceiling: Duration) -> Duration {
     if nanos == 0 {
         return Duration::ZERO;
     }
-    Duration::from_nanos(random_u64() % (nanos + 1))
-}
-
-/// A random number good enough to spread reconnects: the std hasher's
-/// per-process random keys, mixed with the clock.
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
-    );
-    hasher.finish()
+    Duration::from_nanos(crate::random::random_u64() % (nanos + 1))
 }
 
 #[cfg(test)]

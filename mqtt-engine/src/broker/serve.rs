@@ -136,7 +136,7 @@ where
             close(&mut stream, &mut outbox).await;
             return None;
         }
-        let id = format!("fieldmq-{:016x}", rand_u64());
+        let id = format!("fieldmq-{:016x}", crate::random::random_u64());
         connect.client_id.clone_from(&id);
         assigned = Some(id);
     }
@@ -363,16 +363,6 @@ where
         Pin::new(&mut *stream).poll_shutdown(cx)
     });
     let _ = timeout(Duration::from_secs(1), closing).await;
-}
-
-/// A random number for server-assigned client ids.
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
-    );
-    hasher.finish()
 }
 
 #[cfg(test)]

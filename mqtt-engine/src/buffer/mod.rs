@@ -185,7 +185,7 @@ impl Buffer {
         });
         let buffer = Buffer { shared };
         let mut intake = buffer.shared.intake.lock().unwrap_or_else(|p| p.into_inner());
-        buffer.start(settings, routes, &mut intake)?;
+        buffer.start(settings, routes, true, &mut intake)?;
         drop(intake);
         Ok(buffer)
     }
@@ -196,13 +196,14 @@ impl Buffer {
         &self,
         settings: BufferSettings,
         routes: &[Route],
+        check: bool,
         intake: &mut (u64, Option<mpsc::Sender<Command>>),
     ) -> Result<(), StoreError> {
         if let Some(dir) = settings.path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Io { path: dir.to_owned(), source })?;
         }
         let names: Vec<String> = routes.iter().map(|r| r.name.clone()).collect();
-        let (conn, rows) = writer::prepare(&settings, &names)?;
+        let (conn, rows) = writer::prepare(&settings, &names, check)?;
         let mut cursors = Vec::new();
         let mut masks = Vec::new();
         for route in routes {
@@ -241,7 +242,9 @@ impl Buffer {
         let mut intake = self.shared.intake.lock().unwrap_or_else(|p| p.into_inner());
         intake.1 = None;
         self.join_writer();
-        self.start(settings, routes, &mut intake)
+        // A file this process was writing a moment ago needs no new check.
+        let moved = self.routing().settings.path != settings.path;
+        self.start(settings, routes, moved, &mut intake)
     }
 
     fn routing(&self) -> Arc<Routing> {

@@ -69,8 +69,10 @@ pub fn now_ms() -> i64 {
 /// database, is damaged, or belongs to something else is renamed to
 /// `buffer.db.corrupt-<ms>` (or `.foreign-<ms>`) with a log line, and a
 /// fresh buffer takes its place: never overwritten, never silently.
-pub fn open_for_writing(path: &Path) -> Result<Connection, StoreError> {
-    match try_open(path) {
+/// `check` runs `PRAGMA quick_check`, which reads the whole file: at start,
+/// not again when a reload reopens a file this process was just writing.
+pub fn open_for_writing(path: &Path, check: bool) -> Result<Connection, StoreError> {
+    match try_open(path, check) {
         Ok(conn) => Ok(conn),
         Err(Problem::Unusable(why, suffix)) => {
             let aside = path.with_extension(format!("db.{suffix}-{}", now_ms()));
@@ -88,7 +90,7 @@ pub fn open_for_writing(path: &Path) -> Result<Connection, StoreError> {
                     let _ = std::fs::rename(&file, target);
                 }
             }
-            try_open(path).map_err(|p| p.into_error(path))
+            try_open(path, check).map_err(|p| p.into_error(path))
         }
         Err(other) => Err(other.into_error(path)),
     }
@@ -127,7 +129,7 @@ impl From<rusqlite::Error> for Problem {
     }
 }
 
-fn try_open(path: &Path) -> Result<Connection, Problem> {
+fn try_open(path: &Path, check: bool) -> Result<Connection, Problem> {
     let conn = Connection::open(path)?;
     // WAL: readers (the bridges, `buffer stats`) never block the writer.
     // synchronous=FULL: a commit is on disk when it returns; the writer
@@ -148,9 +150,11 @@ fn try_open(path: &Path) -> Result<Connection, Problem> {
         return Err(Problem::Unusable("from an incompatible fieldmq version", "foreign"));
     }
     // A damaged page shows up here rather than in the middle of a drain.
-    let check: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
-    if check != "ok" {
-        return Err(Problem::Unusable("damaged", "corrupt"));
+    if check {
+        let verdict: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+        if verdict != "ok" {
+            return Err(Problem::Unusable("damaged", "corrupt"));
+        }
     }
     Ok(conn)
 }

@@ -43,10 +43,11 @@ fn insert_sql(rows: usize) -> String {
 pub(super) fn prepare(
     settings: &super::BufferSettings,
     names: &[String],
+    check: bool,
 ) -> Result<(Connection, Vec<UpstreamRow>), StoreError> {
     let path = &settings.path;
     let wrap = |source| StoreError::Sqlite { path: path.clone(), source };
-    let conn = store::open_for_writing(path)?;
+    let conn = store::open_for_writing(path, check)?;
     if names.len() > 63 {
         return Err(StoreError::TooManyUpstreams);
     }
@@ -74,7 +75,6 @@ pub(super) struct BufferWriter {
     deleted_through: i64,
     rows: i64,
     last_commit: Instant,
-    full_logged: bool,
     /// The newest ticket taken from the channel.
     taken_seq: u64,
 }
@@ -100,7 +100,6 @@ impl BufferWriter {
             deleted_through: deleted_through.unwrap_or(newest),
             rows,
             last_commit: Instant::now() - routing.settings.commit_interval,
-            full_logged: false,
             taken_seq: 0,
             shared,
             routing,
@@ -386,8 +385,7 @@ impl BufferWriter {
 
     fn set_refusing(&mut self, refusing: bool) {
         let was = self.shared.refusing.swap(refusing, Ordering::AcqRel);
-        if was != refusing || (refusing && !self.full_logged) {
-            self.full_logged = refusing;
+        if was != refusing {
             if refusing {
                 tracing::warn!(
                     max_size = self.routing.settings.max_size,
