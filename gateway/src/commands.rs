@@ -38,6 +38,9 @@ pub fn check(path: Option<&Path>) -> ExitCode {
             for line in plan::describe(&config) {
                 println!("{line}");
             }
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
             println!("config ok");
             ExitCode::SUCCESS
         }

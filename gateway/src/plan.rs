@@ -1,7 +1,7 @@
 //! What a config makes the gateway do, in words: printed by `fieldmq check`
 //! and logged at start-up, so a person can confirm it before trusting it.
 
-use crate::config::{Config, DeviceConfig, DeviceSettings, Format, PublishMode, PublishPolicy};
+use crate::config::{Config, DeviceConfig, ListenerKind, DeviceSettings, Format, PublishMode, PublishPolicy};
 use crate::mapping::TopicValues;
 
 /// One line per fact: gateway, broker, each device.
@@ -11,17 +11,38 @@ pub fn describe(config: &Config) -> Vec<String> {
         format!("gateway: id {}, data in {}", config.gateway_id, config.data_dir.display()),
     ];
     let b = &config.broker;
-    if b.listen.is_empty() {
+    if b.listeners.is_empty() {
         lines.push("broker: no listener ([broker] listen = [])".into());
     } else {
-        let listen: Vec<String> = b.listen.iter().map(|a| a.to_string()).collect();
+        let listen: Vec<String> = b
+            .listeners
+            .iter()
+            .map(|(addr, kind)| match kind {
+                ListenerKind::Tcp => format!("mqtt://{addr}"),
+                ListenerKind::Tls => format!("mqtts://{addr}"),
+                ListenerKind::WebSocket => format!("ws://{addr}"),
+                ListenerKind::WebSocketTls => format!("wss://{addr}"),
+            })
+            .collect();
         lines.push(format!(
-            "broker: listen {}, {} clients at most, packets up to {}, anonymous {}",
+            "broker: listen {}, {} clients at most, packets up to {}",
             listen.join(", "),
             b.max_connections,
             crate::config::units::ByteSize(b.max_packet_size),
-            if b.allow_anonymous { "allowed" } else { "refused" },
         ));
+        let a = &b.access;
+        let mut who = vec![format!("anonymous clients {}", if a.allow_anonymous { "allowed" } else { "refused" })];
+        if let Some(file) = &a.password_file {
+            who.push(format!("passwords from {}", file.display()));
+        }
+        if let Some(ca) = b.tls.as_ref().and_then(|t| t.client_ca.as_ref()) {
+            who.push(format!("client certificates from {} (CN = user)", ca.display()));
+        }
+        match &a.acl_file {
+            Some(file) => who.push(format!("ACL {}", file.display())),
+            None => who.push("no ACL: every client may read and write every topic".into()),
+        }
+        lines.push(format!("broker access: {}", who.join(", ")));
     }
     if config.upstreams.is_empty() {
         lines.push("upstreams: none (nothing is buffered)".into());

@@ -10,17 +10,17 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
+use mqtt_engine::access::Access;
+use mqtt_engine::server::{Slots, Transport};
 use mqtt_engine::{Broker, BrokerSettings};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, ListenerKind};
 use crate::mapping::Mapper;
 use crate::runtime::{self, SeenNodes};
 use crate::signals::{Request, Signals};
@@ -69,6 +69,14 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
     log_plan(&config);
 
     let broker = Broker::new(broker_settings(&config));
+    match Access::load(&config.broker.access) {
+        Ok(access) => broker.set_access(access),
+        Err(errors) => {
+            // Checked with the config a moment ago: a file changed since.
+            errors.iter().for_each(|e| tracing::error!("{e}"));
+            return ExitCode::FAILURE;
+        }
+    }
     broker_state::load(&broker, &config.data_dir);
     let autosave_stop = CancellationToken::new();
     let autosave =
@@ -90,14 +98,18 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
         }
     };
     let servers = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(config.broker.max_connections as usize));
-    for listener in listeners {
+    let slots = Slots::new(config.broker.max_connections as usize);
+    for (listener, transport) in listeners {
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "MQTT listener ready");
+            tracing::info!(%addr, transport = transport.name(), "MQTT listener ready");
         }
-        servers.spawn(server::serve(listener, broker.clone(), slots.clone(), broker.shutdown_token()));
+        let (broker, slots, stop) = (broker.clone(), slots.clone(), broker.shutdown_token());
+        servers.spawn(server::serve(listener, transport, broker, slots, stop));
     }
     servers.close();
+    if !config.broker.sys_interval.is_zero() {
+        tokio::spawn(mqtt_engine::broker::publish_sys(broker.clone(), config.broker.sys_interval));
+    }
     publish_gateway_status(&broker, &config, true);
     let mut pipeline = Pipeline::start(&config, &broker);
     systemd::notify("READY=1");
@@ -155,6 +167,11 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
                 };
                 if let Err(e) = std::fs::create_dir_all(&new.data_dir) {
                     tracing::error!(dir = %new.data_dir.display(), error = %e, "SIGHUP: the new config was refused: cannot create its data directory; the running one stays");
+                    continue;
+                }
+                if let Err(errors) = reload_access(&config, &new, &broker) {
+                    errors.iter().for_each(|e| tracing::error!("{e}"));
+                    tracing::error!("SIGHUP: the new password or ACL file was refused; the running config stays");
                     continue;
                 }
                 tracing::info!("SIGHUP: config reloaded, restarting the devices");
@@ -230,22 +247,62 @@ impl Pipeline {
 }
 
 fn broker_settings(config: &Config) -> BrokerSettings {
+    let b = &config.broker;
     BrokerSettings {
-        max_packet_size: config.broker.max_packet_size as usize,
-        allow_anonymous: config.broker.allow_anonymous,
-        connect_timeout: config.broker.connect_timeout,
+        max_packet_size: b.max_packet_size as usize,
+        connect_timeout: b.connect_timeout,
+        max_inflight: b.max_inflight,
+        max_queued: b.max_queued as usize,
         ..BrokerSettings::default()
     }
 }
 
-/// Binds every `[broker] listen` address, or says which one failed and why.
-async fn bind(config: &Config) -> Result<Vec<TcpListener>, String> {
-    let mut listeners = Vec::with_capacity(config.broker.listen.len());
-    for addr in &config.broker.listen {
-        match TcpListener::bind(addr).await {
-            Ok(listener) => listeners.push(listener),
-            Err(e) => return Err(format!("cannot listen on {addr}: {e} ([broker] listen)")),
+/// SIGHUP re-reads the password and ACL files (even when the config is
+/// unchanged: that is how a new user is let in). Listeners and limits stay
+/// as they were started: changing those needs a restart, and says so.
+fn reload_access(old: &Config, new: &Config, broker: &Broker) -> Result<(), Vec<String>> {
+    let access = Access::load(&new.broker.access)?;
+    tracing::info!(
+        users = access.passwords().map_or(0, |p| p.len()),
+        acl = new.broker.access.acl_file.is_some(),
+        anonymous = access.allow_anonymous(),
+        "SIGHUP: password and ACL files read; connected clients keep their session under the new rules"
+    );
+    broker.set_access(access);
+    let (o, n) = (&old.broker, &new.broker);
+    if o.listeners != n.listeners
+        || o.tls != n.tls
+        || o.max_connections != n.max_connections
+        || o.max_packet_size != n.max_packet_size
+        || o.max_inflight != n.max_inflight
+        || o.max_queued != n.max_queued
+    {
+        tracing::warn!("SIGHUP: [broker] listeners, TLS files and limits take effect at the next restart");
+    }
+    Ok(())
+}
+
+/// Binds every listener of `[broker]`, or says which one failed and why.
+async fn bind(config: &Config) -> Result<Vec<(TcpListener, Transport)>, String> {
+    let b = &config.broker;
+    let acceptor = match &b.tls {
+        Some(files) if b.listeners.iter().any(|(_, k)| k.uses_tls()) => {
+            let tls = mqtt_engine::server::tls::server_config(files).map_err(|e| format!("[broker] TLS: {e}"))?;
+            Some(mqtt_engine::server::TlsAcceptor::from(tls))
         }
+        _ => None,
+    };
+    let mut listeners = Vec::with_capacity(b.listeners.len());
+    for (addr, kind) in &b.listeners {
+        let transport = match (kind, &acceptor) {
+            (ListenerKind::Tcp, _) => Transport::Tcp,
+            (ListenerKind::WebSocket, _) => Transport::WebSocket,
+            (ListenerKind::Tls, Some(a)) => Transport::Tls(a.clone()),
+            (ListenerKind::WebSocketTls, Some(a)) => Transport::WebSocketTls(a.clone()),
+            (_, None) => return Err(format!("{addr}: a TLS listener without tls_cert and tls_key")),
+        };
+        let listener = server::bind(*addr, &transport).await.map_err(|e| format!("{e} ([broker] {})", kind.key()))?;
+        listeners.push((listener, transport));
     }
     Ok(listeners)
 }
@@ -253,6 +310,9 @@ async fn bind(config: &Config) -> Result<Vec<TcpListener>, String> {
 fn log_plan(config: &Config) {
     for line in plan::describe(config) {
         tracing::info!("{line}");
+    }
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
     }
 }
 

@@ -58,11 +58,13 @@ pub(crate) struct Inbox {
     buffer: BytesMut,
     /// How much room the next read gets.
     read_size: u32,
+    /// Bytes of the packets decoded since [`take_consumed`](Self::take_consumed).
+    consumed: u32,
 }
 
 impl Inbox {
     pub(crate) fn new() -> Self {
-        Inbox { buffer: BytesMut::new(), read_size: MIN_READ as u32 }
+        Inbox { buffer: BytesMut::new(), read_size: MIN_READ as u32, consumed: 0 }
     }
 
     /// Reads until a whole packet is buffered and decodes it; `None` when
@@ -123,6 +125,11 @@ impl Inbox {
         matches!(self.header(), Ok(Some((h, b))) if self.buffer.len() >= h + b)
     }
 
+    /// Bytes of the packets decoded since the last call.
+    pub(crate) fn take_consumed(&mut self) -> u32 {
+        std::mem::take(&mut self.consumed)
+    }
+
     /// Gives the buffer back to the allocator when it holds nothing: an
     /// idle connection then keeps no read buffer at all.
     pub(crate) fn release(&mut self) {
@@ -149,6 +156,7 @@ impl Inbox {
             return Ok(None);
         }
         let first = self.buffer[0];
+        self.consumed = self.consumed.saturating_add(total as u32);
         self.buffer.advance(header_len);
         let body = self.buffer.split_to(body_len).freeze();
         Ok(Some(packet::decode(first, body, version)?))

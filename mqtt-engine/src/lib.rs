@@ -17,10 +17,12 @@
 //! - `connection.rs`: framing, packets from and to a byte stream.
 //! - `broker/`: sessions, subscriptions, retained messages, routing, and
 //!   the protocol of one client.
-//! - `server.rs`: the accept loop of a TCP listener.
+//! - `access/`: passwords, the ACL, and slowing down password guessing.
+//! - `server.rs`: the listeners (TCP, TLS, WebSocket) and their accept loop.
 //! - `local.rs`: [`Subscription`], an in-process subscriber's end.
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod bridge;
 pub mod broker;
 pub mod buffer;
@@ -30,6 +32,7 @@ mod message;
 pub mod packet;
 mod random;
 pub mod server;
+pub mod websocket;
 mod topic;
 
 pub use broker::{Broker, BrokerSettings};

@@ -58,11 +58,22 @@ pub struct GatewaySection {
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerSection {
-    pub listen: Option<Vec<Spanned<String>>>,
-    pub allow_anonymous: Option<bool>,
+    pub listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub tls_listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub ws_listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub wss_listen: Option<Spanned<Vec<Spanned<String>>>>,
+    pub tls_cert: Option<Spanned<String>>,
+    pub tls_key: Option<Spanned<String>>,
+    pub tls_client_ca: Option<Spanned<String>>,
+    pub allow_anonymous: Option<Spanned<bool>>,
+    pub password_file: Option<Spanned<String>>,
+    pub acl_file: Option<Spanned<String>>,
     pub max_connections: Option<Spanned<u32>>,
     pub max_packet_size: Option<Spanned<ByteSize>>,
     pub connect_timeout: Option<Spanned<ConfigDuration>>,
+    pub max_inflight: Option<Spanned<u16>>,
+    pub max_queued: Option<Spanned<u32>>,
+    pub sys_interval: Option<Spanned<ConfigDuration>>,
 }
 
 /// An enum written as one of a few strings, whose error lists them all

@@ -7,6 +7,7 @@
 //! topic templates, which keys suit which device kind) and resolves
 //! defaults into a [`Config`]. A config with any error is refused whole.
 
+mod broker;
 mod diagnostic;
 mod file;
 mod modbus;
@@ -19,6 +20,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use broker::{BrokerConfig, ListenerKind};
 pub use diagnostic::Diagnostic;
 pub use file::{DeviceKind, Format, PublishMode};
 pub use upstream::{BufferConfig, UpstreamConfig};
@@ -63,17 +65,8 @@ pub struct Config {
     pub buffer: BufferConfig,
     pub upstreams: Vec<UpstreamConfig>,
     pub devices: Vec<DeviceConfig>,
-}
-
-/// `[broker]`, resolved.
-#[derive(Debug, Clone)]
-pub struct BrokerConfig {
-    pub listen: Vec<SocketAddr>,
-    pub allow_anonymous: bool,
-    pub max_connections: u32,
-    pub max_packet_size: u64,
-    /// How long a new connection may take to send CONNECT.
-    pub connect_timeout: Duration,
+    /// What is allowed but probably not meant, as `file:line:col: what`.
+    pub warnings: Vec<String>,
 }
 
 /// One `[[device]]`, resolved.
@@ -172,7 +165,13 @@ impl Config {
         let touched = |offset: usize| parsed.touched(text, offset);
         let config = file.and_then(|file| validate::resolve(file, &source, &touched, &mut diagnostics));
         match config {
-            Some(config) if diagnostics.is_empty() => Ok(config),
+            Some(mut config) if diagnostics.is_empty() => {
+                let name = source.to_string();
+                let mut warnings = std::mem::take(&mut config.broker.warnings);
+                warnings.sort_by_key(Diagnostic::position);
+                config.warnings = warnings.iter().map(|w| w.render(&name, text).to_string()).collect();
+                Ok(config)
+            }
             _ => {
                 diagnostics.sort_by_key(Diagnostic::position);
                 Err(ConfigErrors { source, text: text.to_owned(), diagnostics })

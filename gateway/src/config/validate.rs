@@ -4,7 +4,6 @@
 //! user sees all of them at once.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -14,13 +13,12 @@ use tracing_subscriber::filter::Targets;
 
 use super::file::{ConfigFile, DeviceKind, DeviceSection, Format, ProfileSection, PublishMode};
 use super::modbus;
-use super::{BrokerConfig, Config, ConfigSource, DeviceConfig, DeviceSettings, Diagnostic, PublishPolicy};
+use super::{Config, ConfigSource, DeviceConfig, DeviceSettings, Diagnostic, PublishPolicy};
 use crate::mapping::{topic_level_problem, TopicTemplate, DEFAULT_TOPIC, RESERVED_NODE};
 
 const DEFAULT_POLL: Duration = Duration::from_secs(5);
 const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(300);
 const MIN_POLL: Duration = Duration::from_millis(10);
-const DEFAULT_LISTEN: &str = "127.0.0.1:1883";
 
 /// Resolves `file`. `touched(offset)` says whether the table holding that
 /// offset lost an entry to an earlier error: its cross-key checks are skipped.
@@ -50,7 +48,7 @@ pub fn resolve(
         None => default_data_dir(),
     };
 
-    let broker = resolve_broker(&file, diags);
+    let broker = super::broker::resolve_broker(&file.broker, source, diags);
     let buffer = super::upstream::resolve_buffer(&file.buffer, diags);
     let upstreams = super::upstream::resolve_upstreams(&file.upstreams, &gateway_id, source, diags);
 
@@ -106,54 +104,8 @@ pub fn resolve(
         buffer,
         upstreams,
         devices,
+        warnings: Vec::new(),
     })
-}
-
-fn resolve_broker(file: &ConfigFile, diags: &mut Vec<Diagnostic>) -> BrokerConfig {
-    let b = &file.broker;
-    let listen = match &b.listen {
-        None => vec![SocketAddr::from_str(DEFAULT_LISTEN).expect("the default listen address parses")],
-        Some(addresses) => addresses
-            .iter()
-            .filter_map(|a| match SocketAddr::from_str(a.get_ref()) {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    diags.push(Diagnostic::at(
-                        a.span(),
-                        format!("invalid listen address `{}`, expected IP:PORT like \"0.0.0.0:1883\" or \"[::]:1883\"", a.get_ref()),
-                    ));
-                    None
-                }
-            })
-            .collect(),
-    };
-    let max_connections = b.max_connections.as_ref().map_or(1000, |m| {
-        if *m.get_ref() == 0 {
-            diags.push(Diagnostic::at(m.span(), "max_connections must be at least 1"));
-        }
-        *m.get_ref()
-    });
-    // MQTT's remaining length caps a packet at 256 MiB.
-    let max_packet_size = b.max_packet_size.as_ref().map_or(1 << 20, |m| {
-        let size = m.get_ref().0;
-        if !(16..=268_435_455 + 5).contains(&size) {
-            diags.push(Diagnostic::at(m.span(), "max_packet_size must be between 16B and 256MiB"));
-        }
-        size
-    });
-    let connect_timeout = b.connect_timeout.as_ref().map_or(Duration::from_secs(10), |t| {
-        if t.get_ref().0 < Duration::from_millis(100) {
-            diags.push(Diagnostic::at(t.span(), "connect_timeout must be at least 100ms"));
-        }
-        t.get_ref().0
-    });
-    BrokerConfig {
-        listen,
-        allow_anonymous: b.allow_anonymous.unwrap_or(true),
-        max_connections,
-        max_packet_size,
-        connect_timeout,
-    }
 }
 
 fn resolve_device(

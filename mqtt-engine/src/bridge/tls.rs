@@ -46,11 +46,11 @@ pub enum TlsError {
     HalfPair,
 }
 
-fn file_error(path: &Path, why: impl ToString) -> TlsError {
+pub(crate) fn file_error(path: &Path, why: impl ToString) -> TlsError {
     TlsError::File { path: path.to_owned(), why: why.to_string() }
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     std::fs::metadata(path).map_err(|e| file_error(path, e))?;
     let certs: Vec<_> = CertificateDer::pem_file_iter(path)
         .map_err(|e| file_error(path, e))?

@@ -9,6 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tokio::time::Instant;
 
 use super::router::parse_filter;
 use super::session::{Delivery, Envelope, Outgoing};
+use super::stats::BrokerStats;
 use super::{forwarded, Broker, Claim};
 use crate::buffer::Offer;
 use crate::connection::{encoded_len, ConnectionError, Outbox};
@@ -78,8 +80,15 @@ pub(super) struct Client {
     client_max_packet: u32,
     pub(super) session_expiry: u32,
     pub(super) will: Option<Box<Will>>,
-    pub(super) peer: Box<str>,
+    pub(super) identity: Box<Identity>,
     extra: Option<Box<Extra>>,
+}
+
+/// Who the client is: where it connects from and the user it logged in
+/// as (`None`: anonymous), which the ACL is checked against.
+pub(super) struct Identity {
+    pub(super) peer: Box<str>,
+    pub(super) user: Option<Arc<str>>,
 }
 
 /// The state of topic aliases and of acknowledgements held for the buffer.
@@ -111,7 +120,7 @@ pub(super) struct Terms {
 }
 
 impl Client {
-    pub(super) fn new(broker: Broker, claim: Claim, terms: Terms, peer: Box<str>) -> Self {
+    pub(super) fn new(broker: Broker, claim: Claim, terms: Terms, identity: Box<Identity>) -> Self {
         Client {
             broker,
             claim,
@@ -123,7 +132,7 @@ impl Client {
             client_max_packet: terms.client_max_packet,
             session_expiry: terms.session_expiry,
             will: terms.will,
-            peer,
+            identity,
             extra: None,
         }
     }
@@ -138,7 +147,15 @@ impl Client {
 
     /// Queues a packet for the client.
     pub(super) fn queue(&mut self, packet: &Packet) {
+        let before = self.outbox.pending();
         self.outbox.queue(packet, self.version);
+        let stats = &self.broker.shared.stats;
+        BrokerStats::add(&stats.bytes_sent, (self.outbox.pending() - before) as u64);
+    }
+
+    /// The user the client acts as, for the ACL.
+    pub(super) fn user(&self) -> Option<&str> {
+        self.identity.user.as_deref()
     }
 
     fn extra(&mut self) -> &mut Extra {
@@ -222,7 +239,7 @@ impl Client {
     }
 
     pub(super) fn on_read_error(&mut self, e: ConnectionError) -> Exit {
-        tracing::info!(peer = %self.peer, client = %self.client_id(), error = %e, "closing the connection");
+        tracing::info!(peer = %self.identity.peer, client = %self.client_id(), error = %e, "closing the connection");
         Exit::Abnormal(e.reason())
     }
 
@@ -234,7 +251,7 @@ impl Client {
 
     /// A protocol violation: logged, and the connection ends with `code`.
     fn violation(&self, code: ReasonCode, why: &str) -> Option<Exit> {
-        tracing::info!(peer = %self.peer, client = %self.client_id(), %code, "protocol violation: {why}");
+        tracing::info!(peer = %self.identity.peer, client = %self.client_id(), %code, "protocol violation: {why}");
         Some(Exit::Abnormal(Some(code)))
     }
 
@@ -328,6 +345,10 @@ impl Client {
         let Ok(topic) = TopicName::new(publish.topic.as_str()) else {
             return self.violation(ReasonCode::TOPIC_NAME_INVALID, "invalid topic name");
         };
+        BrokerStats::add(&self.broker.shared.stats.messages_received, 1);
+        if !self.broker.access().may_write(self.user(), self.client_id(), topic.as_str()) {
+            return self.deny_publish(&publish, &topic);
+        }
         if publish.qos == QoS::ExactlyOnce {
             if self.claim.state.incoming_qos2.contains(&publish.packet_id) {
                 // A resend of a message already routed: acknowledge only.
@@ -385,10 +406,36 @@ impl Client {
         None
     }
 
+    /// A publish the ACL does not allow: dropped, and acknowledged with
+    /// 0x87 in MQTT 5 (3.1.1 has no way to say no: a plain ack, as
+    /// mosquitto does). The ack waits its turn behind held ones.
+    fn deny_publish(&mut self, publish: &Publish, topic: &TopicName) -> Option<Exit> {
+        BrokerStats::add(&self.broker.shared.stats.denied, 1);
+        tracing::info!(client = %self.client_id(), user = self.user().unwrap_or(""), topic = %topic, "publish denied by the ACL; dropped");
+        let code = if self.v5() { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::SUCCESS };
+        let ack = match publish.qos {
+            QoS::AtMostOnce => return None,
+            QoS::AtLeastOnce => Packet::Puback(Ack { code, ..Ack::ok(publish.packet_id) }),
+            QoS::ExactlyOnce => {
+                // An error PUBREC ends the exchange (v5); in 3.1.1 a PUBREL follows.
+                if !self.v5() {
+                    self.claim.state.incoming_qos2.insert(publish.packet_id);
+                }
+                Packet::Pubrec(Ack { code, ..Ack::ok(publish.packet_id) })
+            }
+        };
+        match self.extra.as_deref_mut() {
+            Some(extra) if !extra.held_acks.is_empty() => extra.held_acks.push_back((0, ack)),
+            _ => self.queue(&ack),
+        }
+        None
+    }
+
     fn on_subscribe(&mut self, subscribe: Subscribe) -> Option<Exit> {
         let id = subscribe.properties.subscription_identifiers.first().copied();
         let mut codes = Vec::with_capacity(subscribe.filters.len());
         let mut retained = Vec::new();
+        let access = self.broker.access();
         for (raw, options) in &subscribe.filters {
             let Ok(parsed) = parse_filter(raw) else {
                 // MQTT 5: 0x8F per filter (mosquitto 2.0.11 gets this wrong); 3.1.1: 0x80.
@@ -402,6 +449,11 @@ impl Client {
             if parsed.group.is_some() && options.no_local {
                 // MQTT-3.8.3-4.
                 return self.violation(ReasonCode::PROTOCOL_ERROR, "no local on a shared subscription");
+            }
+            if !access.may_subscribe(self.user(), self.client_id(), parsed.filter) {
+                tracing::info!(client = %self.client_id(), user = self.user().unwrap_or(""), filter = %raw, "subscription denied by the ACL");
+                codes.push(if self.v5() { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::UNSPECIFIED_ERROR });
+                continue;
             }
             let existed = self.broker.router().subscribe(&self.claim.client, raw, *options, id);
             self.claim.state.subscriptions.insert(raw.clone(), (*options, id));
@@ -436,8 +488,15 @@ impl Client {
 
     /// Moves mail into the connection, within the client's receive maximum.
     pub(super) fn pump(&mut self) {
+        let mut access = None;
         while let Some(delivery) = self.claim.mailbox.pop() {
             if delivery.envelope.expired() {
+                continue;
+            }
+            // Read access is checked at delivery too: the rules may have
+            // been reloaded, and a deny may cover part of a filter.
+            let access = access.get_or_insert_with(|| self.broker.access());
+            if !access.may_read(self.identity.user.as_deref(), &self.claim.client, delivery.envelope.topic.as_str()) {
                 continue;
             }
             if delivery.qos == QoS::AtMostOnce {
@@ -508,6 +567,7 @@ impl Client {
             self.extra().outbound_aliases.insert(publish.topic.clone(), alias);
         }
         self.queue(&Packet::Publish(publish));
+        BrokerStats::add(&self.broker.shared.stats.messages_sent, 1);
         true
     }
 }

@@ -24,6 +24,7 @@ mod persist;
 mod router;
 mod serve;
 mod session;
+mod stats;
 mod subscriptions;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,9 +36,11 @@ use tokio_util::sync::CancellationToken;
 
 use keepalive::KeepAlives;
 use router::{Router, SessionEntry};
-pub use serve::serve_client;
+pub use serve::{serve_client, Origin};
+pub use stats::{publish_sys, sys_values};
 pub use session::{Delivery, Envelope, Mailbox, SessionState};
 
+use crate::access::{Access, LoginGuard};
 use crate::buffer::{Buffer, Offer};
 use crate::packet::{Properties, Will};
 use crate::{Message, Subscription, TopicFilter, TopicName};
@@ -60,8 +63,6 @@ pub struct BrokerSettings {
     /// Clients asking for a longer keep alive (or none) get this one
     /// (MQTT 5 Server Keep Alive); 0: accept what the client asks.
     pub max_keep_alive: u16,
-    /// Whether clients without a user name may connect.
-    pub allow_anonymous: bool,
 }
 
 impl Default for BrokerSettings {
@@ -74,7 +75,6 @@ impl Default for BrokerSettings {
             topic_alias_maximum: 64,
             connect_timeout: Duration::from_secs(10),
             max_keep_alive: 0,
-            allow_anonymous: true,
         }
     }
 }
@@ -95,6 +95,12 @@ struct Shared {
     buffer: RwLock<Option<Buffer>>,
     /// The keep-alive deadlines of the connections.
     keepalives: Arc<KeepAlives>,
+    /// Who may connect and do what; replaced whole on reload.
+    access: RwLock<Arc<Access>>,
+    /// Failed logins per address.
+    guard: LoginGuard,
+    /// Counters for `$SYS`.
+    stats: stats::BrokerStats,
 }
 
 /// A claimed session, owned by one connection until released.
@@ -143,6 +149,9 @@ impl Broker {
                 changes: AtomicU64::new(0),
                 buffer: RwLock::new(None),
                 keepalives: Arc::new(KeepAlives::new()),
+                access: RwLock::new(Arc::new(Access::default())),
+                guard: LoginGuard::default(),
+                stats: stats::BrokerStats::default(),
             }),
         }
     }
@@ -150,6 +159,17 @@ impl Broker {
     /// Its settings.
     pub fn settings(&self) -> &BrokerSettings {
         &self.shared.settings
+    }
+
+    /// Who may connect and do what, now.
+    pub fn access(&self) -> Arc<Access> {
+        self.shared.access.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replaces the access rules (a reload): connected clients keep their
+    /// session and meet the new rules at their next packet.
+    pub fn set_access(&self, access: Access) {
+        *self.shared.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
     }
 
     /// Cancelled when the broker stops: connections close.

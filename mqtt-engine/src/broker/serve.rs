@@ -12,6 +12,8 @@
 //! the allocator.
 
 use std::future::{poll_fn, Future};
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -20,8 +22,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep, timeout, Sleep};
 
-use super::client::{kind, Client, Exit, Terms};
+use super::client::{kind, Client, Exit, Identity, Terms};
+use super::stats::BrokerStats;
 use super::{Broker, Ending};
+use crate::access::{login, Refusal};
 use crate::connection::{Inbox, Outbox};
 use crate::packet::*;
 use crate::TopicName;
@@ -31,11 +35,23 @@ use crate::TopicName;
 ///
 /// Any stream will do (TCP, TLS, WebSocket): the connection only polls it.
 /// One that is not `Unpin` can come as `Pin<Box<S>>`.
-pub fn serve_client<S>(stream: S, broker: Broker, peer: String, slot: OwnedSemaphorePermit) -> Serve<S>
+pub fn serve_client<S>(stream: S, broker: Broker, origin: Origin, slot: OwnedSemaphorePermit) -> Serve<S>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    Serve { step: Step::Handshake(Box::pin(handshake(stream, broker, peer))), _slot: slot }
+    Serve { step: Step::Handshake(Box::pin(handshake(stream, broker, origin))), _slot: slot }
+}
+
+/// Where a connection comes from.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// The peer's address, for log lines.
+    pub peer: String,
+    /// Its IP address, which failed logins are counted against.
+    pub ip: Option<IpAddr>,
+    /// The CN of the client certificate TLS verified, if any: the client
+    /// is that user without a password.
+    pub certificate_user: Option<Arc<str>>,
 }
 
 /// The task of one connection: see [`serve_client`].
@@ -85,10 +101,11 @@ where
 
 /// Reads and checks CONNECT, claims the session and queues CONNACK; `None`
 /// when the connection is refused or gone.
-async fn handshake<S>(mut stream: S, broker: Broker, peer: String) -> Option<Connection<S>>
+async fn handshake<S>(mut stream: S, broker: Broker, origin: Origin) -> Option<Connection<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let peer = origin.peer.as_str();
     let mut inbox = Inbox::new();
     let settings = broker.settings();
     let read = poll_fn(|cx| inbox.poll_packet(Pin::new(&mut stream), cx, settings.max_packet_size, None));
@@ -116,6 +133,7 @@ where
             return None;
         }
     };
+    BrokerStats::add(&broker.shared.stats.bytes_received, u64::from(inbox.take_consumed()));
     let version = connect.protocol;
     let v5 = version == Protocol::V5;
     let refuse = |code: ReasonCode, v311_code: u8, client: &str, why: &str| {
@@ -140,13 +158,33 @@ where
         connect.client_id.clone_from(&id);
         assigned = Some(id);
     }
-    // The seam for authentication (passwords, certificates) to come.
-    if !settings.allow_anonymous && connect.username.is_none() {
-        let why = "anonymous clients are not allowed";
-        let mut outbox = refuse(ReasonCode::NOT_AUTHORIZED, 0x05, &connect.client_id, why);
-        close(&mut stream, &mut outbox).await;
-        return None;
-    }
+    let access = broker.access();
+    let user = match login(
+        access.clone(),
+        &broker.shared.guard,
+        origin.ip,
+        origin.certificate_user.clone(),
+        connect.username.as_deref(),
+        connect.password.as_deref(),
+    )
+    .await
+    {
+        Ok(user) => user,
+        Err(refusal) => {
+            // The same answer for an unknown user and a wrong password.
+            let (code, why) = match refusal {
+                Refusal::BadCredentials => (ReasonCode::BAD_USER_NAME_OR_PASSWORD, "bad user name or password"),
+                Refusal::AnonymousNotAllowed => (ReasonCode::NOT_AUTHORIZED, "anonymous clients are not allowed"),
+            };
+            // 3.1.1's 0x05 (not authorized) for both, as mosquitto answers.
+            let v311 = 0x05;
+            let user = connect.username.as_deref().unwrap_or("");
+            tracing::warn!(%peer, client = %connect.client_id, user, "login refused: {why}");
+            let mut outbox = refuse(code, v311, &connect.client_id, why);
+            close(&mut stream, &mut outbox).await;
+            return None;
+        }
+    };
     if let Some(will) = &connect.will {
         if TopicName::new(will.topic.as_str()).is_err() {
             let mut outbox =
@@ -154,7 +192,15 @@ where
             close(&mut stream, &mut outbox).await;
             return None;
         }
+        // A will is a publish like any other: the ACL must allow it.
+        if !access.may_write(user.as_deref(), &connect.client_id, &will.topic) {
+            let why = "the ACL does not allow the will's topic";
+            let mut outbox = refuse(ReasonCode::NOT_AUTHORIZED, 0x05, &connect.client_id, why);
+            close(&mut stream, &mut outbox).await;
+            return None;
+        }
     }
+    drop(access);
     let terms = terms(&broker, &mut connect);
     let claim =
         broker.claim(connect.client_id.as_str().into(), connect.clean_start, terms.session_expiry).await;
@@ -176,9 +222,11 @@ where
         Properties::default()
     };
     let session_present = claim.session_present;
-    let mut client = Client::new(broker, claim, terms, peer.into());
+    let identity = Box::new(Identity { peer: peer.into(), user });
+    let mut client = Client::new(broker, claim, terms, identity);
+    client.broker.shared.stats.client_connected();
     client.queue(&connack(session_present, ReasonCode::SUCCESS, properties));
-    tracing::debug!(peer = %client.peer, client = %client.client_id(), v5, session_present, "client connected");
+    tracing::debug!(peer = %client.identity.peer, client = %client.client_id(), v5, session_present, "client connected");
     client.resend_inflight();
     if client.keep_alive != 0 {
         client.broker.watch_keepalive(&client.claim, client.grace());
@@ -292,6 +340,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     let max = client.broker.settings().max_packet_size;
                     match inbox.poll_packet(stream.as_mut(), cx, max, Some(client.version)) {
                         Poll::Ready(Ok(Some(packet))) => {
+                            let stats = &client.broker.shared.stats;
+                            BrokerStats::add(&stats.bytes_received, u64::from(inbox.take_consumed()));
                             // The deadline may have passed just before this
                             // packet was read: then it closes the connection.
                             if client.keep_alive != 0
@@ -342,7 +392,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         }
         close(&mut stream, &mut client.outbox).await;
         tracing::debug!(client = %client.client_id(), "client disconnected");
+        // A will is checked against the rules in force when it goes.
+        let will = will.filter(|w| client.broker.access().may_write(client.user(), client.client_id(), &w.topic));
         let Client { broker, claim, session_expiry, .. } = client;
+        broker.shared.stats.client_disconnected();
         broker.release(claim, Ending { will, session_expiry });
     }
 }
@@ -376,6 +429,7 @@ mod tests {
         // bytes; the listener's task tracker adds 8. Up to 272 bytes the
         // cell of an idle connection is 384 bytes, past that 512.
         let size = std::mem::size_of::<Serve<tokio::net::TcpStream>>();
+        eprintln!("SERVE SIZE {size}");
         assert!(size <= 272, "the connection task grew to {size} bytes");
     }
 }

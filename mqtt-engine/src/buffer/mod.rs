@@ -321,6 +321,23 @@ impl Buffer {
         RowReader::open(&routing.settings.path, 1u64 << bit)
     }
 
+    /// Each upstream's live figures, for `$SYS`: (name, rows committed
+    /// and not yet acknowledged by it, rows dropped or refused, last
+    /// delivery in ms since the epoch or 0). Rows are counted from its
+    /// cursor, so an upstream whose filter takes only some topics is
+    /// given an upper bound.
+    pub fn upstream_figures(&self) -> Vec<(String, u64, u64, i64)> {
+        let committed = *self.shared.committed_id.borrow();
+        self.routing()
+            .cursors
+            .iter()
+            .map(|c| {
+                let waiting = (committed - c.acked()).max(0) as u64;
+                (c.name.clone(), waiting, c.dropped().max(0) as u64, c.last_delivery.load(Ordering::Relaxed))
+            })
+            .collect()
+    }
+
     /// Asks the writer to persist cursors soon (at most once per interval).
     pub fn nudge(&self) {
         if !self.shared.nudged.swap(true, Ordering::AcqRel) {

@@ -51,7 +51,9 @@ impl ReasonCode {
     pub const IMPLEMENTATION_SPECIFIC: Self = Self(0x83);
     pub const UNSUPPORTED_PROTOCOL_VERSION: Self = Self(0x84);
     pub const CLIENT_IDENTIFIER_NOT_VALID: Self = Self(0x85);
+    pub const BAD_USER_NAME_OR_PASSWORD: Self = Self(0x86);
     pub const NOT_AUTHORIZED: Self = Self(0x87);
+    pub const SERVER_UNAVAILABLE: Self = Self(0x88);
     pub const SERVER_BUSY: Self = Self(0x89);
     pub const SERVER_SHUTTING_DOWN: Self = Self(0x8B);
     pub const KEEP_ALIVE_TIMEOUT: Self = Self(0x8D);
