@@ -19,8 +19,10 @@
 //!   the protocol of one client.
 //! - `server.rs`: the accept loop of a TCP listener.
 //! - `local.rs`: [`Subscription`], an in-process subscriber's end.
+//! - `access/`: access control, the ACL file.
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod bridge;
 pub mod broker;
 pub mod buffer;
