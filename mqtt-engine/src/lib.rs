@@ -20,6 +20,7 @@
 //! - `access/`: passwords, the ACL, and slowing down password guessing.
 //! - `server.rs`: the listeners (TCP, TLS, WebSocket) and their accept loop.
 //! - `local.rs`: [`Subscription`], an in-process subscriber's end.
+//! - `access/`: access control, the ACL file.
 #![deny(missing_docs)]
 
 pub mod access;
