@@ -20,6 +20,7 @@
 //! - `writes.rs`: `{topic}/set/{attribute}` to device writes.
 //! - `modbus_cli.rs`: `fieldmq modbus read`, for commissioning.
 //! - `plan.rs`: the config described in words.
+//! - `passwd.rs`: `fieldmq passwd`, the broker's users.
 //! - `signals.rs`, `systemd.rs`, `logging.rs`: the process's surroundings.
 
 mod broker_state;
@@ -30,6 +31,7 @@ mod devices;
 mod logging;
 mod mapping;
 mod modbus_cli;
+mod passwd;
 mod plan;
 mod run;
 mod runtime;
@@ -67,6 +69,9 @@ enum Command {
     /// Commissioning tools for Modbus devices.
     #[command(subcommand)]
     Modbus(ModbusCommand),
+    /// Add or change a broker user in a password file (or remove one with
+    /// --delete); the password is asked twice, or read from stdin.
+    Passwd(passwd::PasswdArgs),
 }
 
 #[derive(Subcommand)]
@@ -107,5 +112,6 @@ fn main() -> ExitCode {
         }
         Command::Buffer(BufferCommand::Stats(args)) => buffer_cli::stats(args),
         Command::Modbus(ModbusCommand::Read(args)) => modbus_cli::read(args),
+        Command::Passwd(args) => passwd::passwd(args),
     }
 }

@@ -1,7 +1,7 @@
 //! What a config makes the gateway do, in words: printed by `fieldmq check`
 //! and logged at start-up, so a person can confirm it before trusting it.
 
-use crate::config::{Config, DeviceConfig, ListenerKind, DeviceSettings, Format, PublishMode, PublishPolicy};
+use crate::config::{Config, DeviceConfig, DeviceSettings, Format, ListenerKind, PublishMode, PublishPolicy};
 use crate::mapping::TopicValues;
 
 /// One line per fact: gateway, broker, each device.
@@ -31,7 +31,8 @@ pub fn describe(config: &Config) -> Vec<String> {
             crate::config::units::ByteSize(b.max_packet_size),
         ));
         let a = &b.access;
-        let mut who = vec![format!("anonymous clients {}", if a.allow_anonymous { "allowed" } else { "refused" })];
+        let mut who =
+            vec![format!("anonymous clients {}", if a.allow_anonymous { "allowed" } else { "refused" })];
         if let Some(file) = &a.password_file {
             who.push(format!("passwords from {}", file.display()));
         }

@@ -171,7 +171,9 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
                 }
                 if let Err(errors) = reload_access(&config, &new, &broker) {
                     errors.iter().for_each(|e| tracing::error!("{e}"));
-                    tracing::error!("SIGHUP: the new password or ACL file was refused; the running config stays");
+                    tracing::error!(
+                        "SIGHUP: the new password or ACL file was refused; the running config stays"
+                    );
                     continue;
                 }
                 tracing::info!("SIGHUP: config reloaded, restarting the devices");
@@ -287,7 +289,8 @@ async fn bind(config: &Config) -> Result<Vec<(TcpListener, Transport)>, String> 
     let b = &config.broker;
     let acceptor = match &b.tls {
         Some(files) if b.listeners.iter().any(|(_, k)| k.uses_tls()) => {
-            let tls = mqtt_engine::server::tls::server_config(files).map_err(|e| format!("[broker] TLS: {e}"))?;
+            let tls =
+                mqtt_engine::server::tls::server_config(files).map_err(|e| format!("[broker] TLS: {e}"))?;
             Some(mqtt_engine::server::TlsAcceptor::from(tls))
         }
         _ => None,
@@ -301,7 +304,8 @@ async fn bind(config: &Config) -> Result<Vec<(TcpListener, Transport)>, String> 
             (ListenerKind::WebSocketTls, Some(a)) => Transport::WebSocketTls(a.clone()),
             (_, None) => return Err(format!("{addr}: a TLS listener without tls_cert and tls_key")),
         };
-        let listener = server::bind(*addr, &transport).await.map_err(|e| format!("{e} ([broker] {})", kind.key()))?;
+        let listener =
+            server::bind(*addr, &transport).await.map_err(|e| format!("{e} ([broker] {})", kind.key()))?;
         listeners.push((listener, transport));
     }
     Ok(listeners)

@@ -33,8 +33,8 @@ mod message;
 pub mod packet;
 mod random;
 pub mod server;
-pub mod websocket;
 mod topic;
+pub mod websocket;
 
 pub use broker::{Broker, BrokerSettings};
 pub use local::Subscription;

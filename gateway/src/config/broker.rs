@@ -114,13 +114,15 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
         }
     }
 
-    let path = |v: &Option<Spanned<String>>| v.as_ref().map(|v| relative_to_config(Path::new(v.get_ref()), source));
+    let path =
+        |v: &Option<Spanned<String>>| v.as_ref().map(|v| relative_to_config(Path::new(v.get_ref()), source));
     let needs_tls = listeners.iter().any(|(_, k)| k.uses_tls());
     let tls = match (path(&b.tls_cert), path(&b.tls_key)) {
         (Some(cert), Some(key)) => Some(ServerTlsFiles { cert, key, client_ca: path(&b.tls_client_ca) }),
         (None, None) => {
             if needs_tls {
-                let kind = if b.tls_listen.is_some() { ListenerKind::Tls } else { ListenerKind::WebSocketTls };
+                let kind =
+                    if b.tls_listen.is_some() { ListenerKind::Tls } else { ListenerKind::WebSocketTls };
                 diags.push(whole_key(b, kind, format!("{} needs tls_cert and tls_key", kind.key())));
             }
             None
@@ -151,11 +153,8 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
     }
 
     let allow_anonymous = b.allow_anonymous.as_ref().is_none_or(|a| *a.get_ref());
-    let access = AccessFiles {
-        allow_anonymous,
-        password_file: path(&b.password_file),
-        acl_file: path(&b.acl_file),
-    };
+    let access =
+        AccessFiles { allow_anonymous, password_file: path(&b.password_file), acl_file: path(&b.acl_file) };
     // Read now, so a bad line is refused before the gateway runs.
     let mut loaded = None;
     if let Some(file) = &access.password_file {
@@ -163,7 +162,12 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
         match Access::load(&only) {
             Ok(a) => {
                 for user in a.passwords().map(|p| p.weak_users()).unwrap_or_default() {
-                    warnings.push(at(&b.password_file, &format!("user `{user}` has mosquitto 1.x's weak hash; set it again with `fieldmq passwd`")));
+                    warnings.push(at(
+                        &b.password_file,
+                        &format!(
+                            "user `{user}` has mosquitto 1.x's weak hash; set it again with `fieldmq passwd`"
+                        ),
+                    ));
                 }
             }
             Err(errors) => errors.iter().for_each(|e| diags.push(at(&b.password_file, e))),
@@ -185,7 +189,8 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
     if anonymous_writes {
         for (addr, kind) in &listeners {
             if !addr.ip().is_loopback() {
-                let why = if access.acl_file.is_none() { "there is no acl_file" } else { "the acl_file allows it" };
+                let why =
+                    if access.acl_file.is_none() { "there is no acl_file" } else { "the acl_file allows it" };
                 warnings.push(whole_key(
                     b,
                     *kind,
@@ -194,11 +199,16 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
             }
         }
     }
-    if !allow_anonymous && access.password_file.is_none() && b.tls_client_ca.is_none() && !listeners.is_empty() {
+    if !allow_anonymous
+        && access.password_file.is_none()
+        && b.tls_client_ca.is_none()
+        && !listeners.is_empty()
+    {
         let span = b.allow_anonymous.as_ref().map(Spanned::span);
         warnings.push(Diagnostic {
             span,
-            message: "allow_anonymous = false without password_file or tls_client_ca: no client can connect".into(),
+            message: "allow_anonymous = false without password_file or tls_client_ca: no client can connect"
+                .into(),
         });
     }
     if b.tls_client_ca.is_some() && !needs_tls {

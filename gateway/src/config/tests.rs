@@ -23,7 +23,8 @@ fn first_lines(errors: Vec<String>) -> Vec<String> {
 #[test]
 fn the_embedded_default_runs_the_system_device_on_localhost() {
     let config = Config::parse(EMBEDDED_DEFAULT, ConfigSource::Embedded).expect("the default is valid");
-    assert_eq!(config.broker.listen, ["127.0.0.1:1883".parse().unwrap()]);
+    assert_eq!(config.broker.listeners, [("127.0.0.1:1883".parse().unwrap(), ListenerKind::Tcp)]);
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
     assert_eq!(config.devices.len(), 1);
     assert_eq!(config.devices[0].kind, DeviceKind::System);
     assert_eq!(config.devices[0].poll, Duration::from_secs(5));
@@ -143,7 +144,58 @@ fn defaults_fill_what_the_file_leaves_out() {
         PublishPolicy::OnChange { heartbeat: Duration::from_secs(300), deadbands: vec![] }
     );
     assert_eq!(config.broker.max_connections, 1000);
-    assert!(config.broker.allow_anonymous);
+    assert!(config.broker.access.allow_anonymous);
+}
+
+/// A file in a fresh temporary directory, for keys that name files.
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fieldmq-config-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn tls_listeners_need_a_certificate_and_key() {
+    let text = "[broker]\ntls_listen = [\"127.0.0.1:8883\"]\nws_listen = [\"127.0.0.1:9001\"]\n";
+    assert_eq!(
+        first_lines(errors(text)),
+        ["/etc/fieldmq/t.toml:2:14: tls_listen needs tls_cert and tls_key"]
+    );
+    let text = "[broker]\ntls_listen = [\"127.0.0.1:8883\"]\ntls_cert = \"/nonexistent/c.pem\"\ntls_key = \"/nonexistent/k.pem\"\n";
+    let found = first_lines(errors(text));
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(found[0].starts_with("/etc/fieldmq/t.toml:3:12: /nonexistent/c.pem: "), "{found:?}");
+    assert!(found[1].starts_with("/etc/fieldmq/t.toml:4:11: /nonexistent/k.pem: "), "{found:?}");
+}
+
+#[test]
+fn a_bad_acl_or_password_line_is_refused_with_its_place_in_both_files() {
+    let acl = temp_file("acl", "topic read fieldmq/#\n\nuser alice\ntopic reed fieldmq/#\ntopc write x\n");
+    let passwd = temp_file("passwd", "alice:$7$10$AAAA\n");
+    let text = format!("[broker]\nacl_file = \"{}\"\npassword_file = \"{}\"\n", acl.display(), passwd.display());
+    let found = first_lines(errors(&text));
+    assert_eq!(found.len(), 3, "{found:?}");
+    assert!(found[0].starts_with(&format!("/etc/fieldmq/t.toml:2:12: {}:4:", acl.display())), "{found:?}");
+    assert!(found[1].starts_with(&format!("/etc/fieldmq/t.toml:2:12: {}:5:1:", acl.display())), "{found:?}");
+    assert!(found[2].starts_with(&format!("/etc/fieldmq/t.toml:3:17: {}:1:7:", passwd.display())), "{found:?}");
+}
+
+#[test]
+fn anonymous_writes_on_a_lan_listener_are_warned_about_unless_the_acl_forbids_them() {
+    let open = parse("[broker]\nlisten = [\"0.0.0.0:1883\", \"127.0.0.1:1884\"]\n").unwrap();
+    assert_eq!(open.warnings.len(), 1, "{:?}", open.warnings);
+    assert!(open.warnings[0].starts_with("/etc/fieldmq/t.toml:2:10: 0.0.0.0:1883 lets anonymous clients write"));
+    let read_only = temp_file("acl-ro", "topic read fieldmq/#\nuser ops\ntopic readwrite fieldmq/#\n");
+    let text = format!("[broker]\nlisten = [\"0.0.0.0:1883\"]\nacl_file = \"{}\"\n", read_only.display());
+    assert_eq!(parse(&text).unwrap().warnings, Vec::<String>::new());
+    let writable = temp_file("acl-rw", "topic readwrite fieldmq/#\n");
+    let text = format!("[broker]\nlisten = [\"0.0.0.0:1883\"]\nacl_file = \"{}\"\n", writable.display());
+    assert_eq!(parse(&text).unwrap().warnings.len(), 1);
+    let closed = parse("[broker]\nlisten = [\"0.0.0.0:1883\"]\nallow_anonymous = false\n").unwrap();
+    assert_eq!(closed.warnings.len(), 1, "{:?}", closed.warnings);
+    assert!(closed.warnings[0].contains("no client can connect"), "{:?}", closed.warnings);
 }
 
 #[test]

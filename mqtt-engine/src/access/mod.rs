@@ -83,8 +83,9 @@ pub enum Refusal {
 impl Access {
     /// Access from what was read.
     pub fn new(allow_anonymous: bool, passwords: Option<PasswordFile>, acl: Option<Acl>) -> Access {
-        let key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new())
-            .unwrap_or_else(|_| hmac::Key::new(hmac::HMAC_SHA256, &crate::random::random_u64().to_le_bytes()));
+        let key = hmac::Key::generate(hmac::HMAC_SHA256, &SystemRandom::new()).unwrap_or_else(|_| {
+            hmac::Key::new(hmac::HMAC_SHA256, &crate::random::random_u64().to_le_bytes())
+        });
         Access { allow_anonymous, passwords, acl, verified: Mutex::new(HashMap::new()), key }
     }
 
@@ -95,22 +96,23 @@ impl Access {
             Some(path) => PasswordFile::load(path).map_err(|e| errors.extend(e)).ok(),
             None => None,
         };
-        let acl = match &files.acl_file {
-            Some(path) => match std::fs::read_to_string(path) {
-                Ok(text) => Acl::parse(&text)
-                    .map_err(|e| {
-                        errors.extend(
-                            e.iter().map(|e| format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message)),
-                        )
-                    })
-                    .ok(),
-                Err(e) => {
-                    errors.push(format!("{}: {e}", path.display()));
-                    None
-                }
-            },
-            None => None,
-        };
+        let acl =
+            match &files.acl_file {
+                Some(path) => match std::fs::read_to_string(path) {
+                    Ok(text) => Acl::parse(&text)
+                        .map_err(|e| {
+                            errors.extend(e.iter().map(|e| {
+                                format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message)
+                            }))
+                        })
+                        .ok(),
+                    Err(e) => {
+                        errors.push(format!("{}: {e}", path.display()));
+                        None
+                    }
+                },
+                None => None,
+            };
         if !errors.is_empty() {
             return Err(errors);
         }

@@ -27,9 +27,16 @@ const HASH_LEN: usize = 64;
 /// A hash from the file, ready to check a password against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Hash {
-    Pbkdf2 { iterations: NonZeroU32, salt: Vec<u8>, hash: Vec<u8> },
+    Pbkdf2 {
+        iterations: NonZeroU32,
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
     /// mosquitto 1.x: SHA-512 of password then salt.
-    Sha512 { salt: Vec<u8>, hash: Vec<u8> },
+    Sha512 {
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
 }
 
 /// A problem in the password file, at a line.
@@ -102,8 +109,12 @@ impl PasswordFile {
     /// Reads and parses a password file; errors carry the path.
     pub fn load(path: &Path) -> Result<PasswordFile, Vec<String>> {
         let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
-        PasswordFile::parse(&text)
-            .map_err(|errors| errors.iter().map(|e| format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message)).collect())
+        PasswordFile::parse(&text).map_err(|errors| {
+            errors
+                .iter()
+                .map(|e| format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message))
+                .collect()
+        })
     }
 
     /// Users whose hash is mosquitto 1.x's single salted SHA-512.

@@ -452,7 +452,11 @@ impl Client {
             }
             if !access.may_subscribe(self.user(), self.client_id(), parsed.filter) {
                 tracing::info!(client = %self.client_id(), user = self.user().unwrap_or(""), filter = %raw, "subscription denied by the ACL");
-                codes.push(if self.v5() { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::UNSPECIFIED_ERROR });
+                codes.push(if self.v5() {
+                    ReasonCode::NOT_AUTHORIZED
+                } else {
+                    ReasonCode::UNSPECIFIED_ERROR
+                });
                 continue;
             }
             let existed = self.broker.router().subscribe(&self.claim.client, raw, *options, id);
@@ -496,7 +500,11 @@ impl Client {
             // Read access is checked at delivery too: the rules may have
             // been reloaded, and a deny may cover part of a filter.
             let access = access.get_or_insert_with(|| self.broker.access());
-            if !access.may_read(self.identity.user.as_deref(), &self.claim.client, delivery.envelope.topic.as_str()) {
+            if !access.may_read(
+                self.identity.user.as_deref(),
+                &self.claim.client,
+                delivery.envelope.topic.as_str(),
+            ) {
                 continue;
             }
             if delivery.qos == QoS::AtMostOnce {

@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use keepalive::KeepAlives;
 use router::{Router, SessionEntry};
 pub use serve::{serve_client, Origin};
-pub use stats::{publish_sys, sys_values};
 pub use session::{Delivery, Envelope, Mailbox, SessionState};
+pub use stats::{publish_sys, sys_values};
 
 use crate::access::{Access, LoginGuard};
 use crate::buffer::{Buffer, Offer};

@@ -13,8 +13,8 @@
 
 use std::future::{poll_fn, Future};
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -173,14 +173,20 @@ where
         Err(refusal) => {
             // The same answer for an unknown user and a wrong password.
             let (code, why) = match refusal {
-                Refusal::BadCredentials => (ReasonCode::BAD_USER_NAME_OR_PASSWORD, "bad user name or password"),
-                Refusal::AnonymousNotAllowed => (ReasonCode::NOT_AUTHORIZED, "anonymous clients are not allowed"),
+                Refusal::BadCredentials => {
+                    (ReasonCode::BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
+                }
+                Refusal::AnonymousNotAllowed => {
+                    (ReasonCode::NOT_AUTHORIZED, "anonymous clients are not allowed")
+                }
             };
             // 3.1.1's 0x05 (not authorized) for both, as mosquitto answers.
             let v311 = 0x05;
-            let user = connect.username.as_deref().unwrap_or("");
-            tracing::warn!(%peer, client = %connect.client_id, user, "login refused: {why}");
-            let mut outbox = refuse(code, v311, &connect.client_id, why);
+            let why = match &connect.username {
+                Some(user) => format!("{why} (user `{user}`)"),
+                None => why.to_owned(),
+            };
+            let mut outbox = refuse(code, v311, &connect.client_id, &why);
             close(&mut stream, &mut outbox).await;
             return None;
         }
@@ -393,7 +399,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
         close(&mut stream, &mut client.outbox).await;
         tracing::debug!(client = %client.client_id(), "client disconnected");
         // A will is checked against the rules in force when it goes.
-        let will = will.filter(|w| client.broker.access().may_write(client.user(), client.client_id(), &w.topic));
+        let will =
+            will.filter(|w| client.broker.access().may_write(client.user(), client.client_id(), &w.topic));
         let Client { broker, claim, session_expiry, .. } = client;
         broker.shared.stats.client_disconnected();
         broker.release(claim, Ending { will, session_expiry });

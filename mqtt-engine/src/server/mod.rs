@@ -204,7 +204,9 @@ async fn tls_accept(
             if let Some(certificate) = connection.peer_certificates().and_then(|c| c.first()) {
                 match tls::common_name(certificate.as_ref()) {
                     Some(cn) => origin.certificate_user = Some(cn.into()),
-                    None => tracing::info!(peer = %origin.peer, "client certificate without a common name; not used as a user name"),
+                    None => {
+                        tracing::info!(peer = %origin.peer, "client certificate without a common name; not used as a user name")
+                    }
                 }
             }
             Some(Box::pin(tls))

@@ -56,7 +56,8 @@ pub fn server_config(files: &ServerTlsFiles) -> Result<Arc<ServerConfig>, TlsErr
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let chain = read_certs(&files.cert)?;
     let key = read_key(&files.key)?;
-    let builder = ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder =
+        ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
     let config = match &files.client_ca {
         Some(ca) => {
             let mut roots = RootCertStore::empty();
