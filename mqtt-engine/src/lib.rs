@@ -18,6 +18,8 @@
 //! - `broker/`: sessions, subscriptions, retained messages, routing, and
 //!   the protocol of one client.
 //! - `server.rs`: the accept loop of a TCP listener.
+//! - `websocket/`: MQTT over WebSocket, a hand-written server side of
+//!   RFC 6455 (the upgrade handshake and binary framing).
 //! - `local.rs`: [`Subscription`], an in-process subscriber's end.
 #![deny(missing_docs)]
 
@@ -31,6 +33,7 @@ pub mod packet;
 mod random;
 pub mod server;
 mod topic;
+pub mod websocket;
 
 pub use broker::{Broker, BrokerSettings};
 pub use local::Subscription;
