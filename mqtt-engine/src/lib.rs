@@ -18,9 +18,10 @@
 //! - `broker/`: sessions, subscriptions, retained messages, routing, and
 //!   the protocol of one client.
 //! - `access/`: passwords, the ACL, and slowing down password guessing.
-//! - `server.rs`: the listeners (TCP, TLS, WebSocket) and their accept loop.
+//! - `server/`: the listeners (TCP, TLS, WebSocket) and their accept loop.
+//! - `websocket/`: MQTT over WebSocket, a hand-written server side of
+//!   RFC 6455 (the upgrade handshake and binary framing).
 //! - `local.rs`: [`Subscription`], an in-process subscriber's end.
-//! - `access/`: access control, the ACL file.
 #![deny(missing_docs)]
 
 pub mod access;

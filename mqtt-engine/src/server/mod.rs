@@ -170,7 +170,10 @@ async fn handshake_then_serve(
             serve_client(tls, broker, origin, permit).await;
         }
         Transport::WebSocket => match timeout(limit, crate::websocket::accept(stream)).await {
-            Ok(Ok(ws)) => serve_client(ws, broker, origin, permit).await,
+            Ok(Ok(mut ws)) => {
+                ws.set_max_frame(broker.settings().max_packet_size + 16);
+                serve_client(ws, broker, origin, permit).await
+            }
             Ok(Err(e)) => fail("WebSocket handshake", e.to_string()),
             Err(_) => fail("WebSocket handshake", "timed out".into()),
         },
@@ -179,7 +182,10 @@ async fn handshake_then_serve(
             let Some(tls) = tls_accept(&acceptor, stream, limit, &mut origin).await else { return };
             let left = limit.saturating_sub(started.elapsed());
             match timeout(left, crate::websocket::accept(tls)).await {
-                Ok(Ok(ws)) => serve_client(ws, broker, origin, permit).await,
+                Ok(Ok(mut ws)) => {
+                ws.set_max_frame(broker.settings().max_packet_size + 16);
+                serve_client(ws, broker, origin, permit).await
+            }
                 Ok(Err(e)) => fail("WebSocket handshake", e.to_string()),
                 Err(_) => fail("WebSocket handshake", "timed out".into()),
             }
