@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from upstream_peer import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -73,7 +75,8 @@ def test_the_deb_holds_what_a_user_needs(deb):
     libc and adduser and only recommends bluez."""
     info = subprocess.run(["dpkg-deb", "-I", deb], capture_output=True, text=True, check=True).stdout
     files = subprocess.run(["dpkg-deb", "-c", deb], capture_output=True, text=True, check=True).stdout
-    for path in ["./usr/bin/fieldmq", "./etc/fieldmq/fieldmq.toml", "./lib/systemd/system/fieldmq.service",
+    for path in ["./usr/bin/fieldmq", "./etc/fieldmq/fieldmq.toml", "./etc/fieldmq/acl",
+                 "./usr/share/doc/fieldmq/acl.example", "./lib/systemd/system/fieldmq.service",
                  "./usr/share/doc/fieldmq/example.toml", "./usr/share/doc/fieldmq/copyright",
                  "./usr/share/doc/fieldmq/profiles/eastron-sdm630.toml", "./usr/share/man/man1/fieldmq.1.gz"]:
         assert path in files, f"{path} missing from the package:\n{files}"
@@ -81,6 +84,9 @@ def test_the_deb_holds_what_a_user_needs(deb):
     assert "Depends: libc6 (>= 2.34), libgcc-s1, adduser" in info
     assert "Recommends: bluez" in info
     assert "conffiles" in info and "postinst" in info and "postrm" in info
+    listed = subprocess.run(["sh", "-c", f"dpkg-deb --ctrl-tarfile {deb} | tar -xO ./conffiles"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert listed == ["/etc/fieldmq/fieldmq.toml", "/etc/fieldmq/acl"], listed
     out = subprocess.run(["dpkg-deb", "--fsys-tarfile", deb], capture_output=True, check=True).stdout
     import io, tarfile
     with tarfile.open(fileobj=io.BytesIO(out)) as tar:
@@ -105,14 +111,27 @@ def test_install_run_upgrade_remove_purge(deb, tmp_path):
     test -L /etc/systemd/system/multi-user.target.wants/fieldmq.service && echo "enabled: yes"
     fieldmq --version
     systemd-analyze verify /lib/systemd/system/fieldmq.service && echo "unit: verified"
-    fieldmq check --config /etc/fieldmq/fieldmq.toml >/dev/null && echo "packaged config: valid"
+    fieldmq check --config /etc/fieldmq/fieldmq.toml >/dev/null 2>/tmp/check.err && echo "packaged config: valid"
+    test -s /tmp/check.err || echo "packaged config: no warning"
+    echo "acl: $(stat -c '%U:%G %a' /etc/fieldmq/acl)"
+    echo "passwd: $(stat -c '%U:%G %a %s' /etc/fieldmq/passwd)"
 
     # Out of the box, as the service user (port changed: 1883 may be taken here).
-    sed -i 's/0.0.0.0:1883/127.0.0.1:0/' /etc/fieldmq/fieldmq.toml
+    sed -i 's/0.0.0.0:1883/127.0.0.1:PORT/' /etc/fieldmq/fieldmq.toml
     setpriv --reuid fieldmq --regid fieldmq --init-groups \
         fieldmq run --config /etc/fieldmq/fieldmq.toml 2>/tmp/run.log &
     pid=$!
     sleep 2
+    # Safe by default: anonymous clients read fieldmq/#, and write nothing.
+    mosquitto_sub -h 127.0.0.1 -p PORT -t 'fieldmq/#' -C 1 -W 5 >/dev/null && echo "anonymous: reads fieldmq/#"
+    mosquitto_sub -h 127.0.0.1 -p PORT -t '#' -C 1 -W 2 2>&1 | grep -q denied && echo "anonymous: # denied"
+    mosquitto_pub -h 127.0.0.1 -p PORT -V mqttv5 -q 1 -t fieldmq/x/set/y -m 1 -d 2>&1 | grep -q 'RC:135' && echo "anonymous: write denied"
+    # A user added with fieldmq passwd and granted by the ACL may write, after a reload.
+    echo 's3cret' | fieldmq passwd /etc/fieldmq/passwd ops 2>/dev/null
+    echo "passwd after: $(stat -c '%U:%G %a' /etc/fieldmq/passwd)"
+    printf 'user ops\ntopic readwrite fieldmq/#\n' >> /etc/fieldmq/acl
+    kill -HUP $pid; sleep 1
+    mosquitto_pub -h 127.0.0.1 -p PORT -V mqttv5 -u ops -P s3cret -q 1 -t fieldmq/x/set/y -m 1 -d 2>&1 | grep -q 'RC:16\|RC:0' && echo "ops: write allowed"
     kill -TERM $pid; wait $pid && echo "run: exit 0"
     grep -o 'MQTT listener ready' /tmp/run.log | head -1
     ls /var/lib/fieldmq
@@ -133,13 +152,17 @@ def test_install_run_upgrade_remove_purge(deb, tmp_path):
     test ! -e /etc/fieldmq && test ! -e /var/lib/fieldmq && echo "purged: config and data gone"
     getent passwd fieldmq || echo "purged: user gone"
     """
-    out = check(sandbox(script, deb, tmp_path))
+    out = check(sandbox(script.replace("PORT", str(free_port())), deb, tmp_path))
     assert "dialout" in out.split("user:")[1].splitlines()[0], out
     assert "state: fieldmq:fieldmq 750" in out, out
     assert "config: root:fieldmq 640" in out, out
     assert "enabled: yes" in out, out
     assert "unit: verified" in out, out
-    assert "packaged config: valid" in out, out
+    assert "packaged config: valid" in out and "packaged config: no warning" in out, out
+    assert "acl: root:fieldmq 640" in out and "passwd: root:fieldmq 640 0" in out, out
+    for line in ["anonymous: reads fieldmq/#", "anonymous: # denied", "anonymous: write denied",
+                 "passwd after: root:fieldmq 640", "ops: write allowed"]:
+        assert line in out, out
     assert "run: exit 0" in out and "MQTT listener ready" in out, out
     assert "broker.state" in out and "state files: fieldmq" in out, out
     assert "upgrade errors reported: 1" in out, out

@@ -34,7 +34,10 @@ fn the_embedded_default_runs_the_system_device_on_localhost() {
 #[test]
 fn the_example_config_is_valid_and_means_what_its_comments_say() {
     let text = include_str!("../../../config/example.toml");
-    let config = parse(text).unwrap_or_else(|e| panic!("{e}"));
+    // Where it is, so its acl_file (beside it) is found.
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config/example.toml");
+    let config = Config::parse(text, ConfigSource::File(path)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
     assert_eq!(config.gateway_id, "pi-01");
     assert_eq!(config.data_dir, PathBuf::from("/var/lib/fieldmq"));
     assert_eq!(config.broker.max_packet_size, 1 << 20);
@@ -174,19 +177,25 @@ fn tls_listeners_need_a_certificate_and_key() {
 fn a_bad_acl_or_password_line_is_refused_with_its_place_in_both_files() {
     let acl = temp_file("acl", "topic read fieldmq/#\n\nuser alice\ntopic reed fieldmq/#\ntopc write x\n");
     let passwd = temp_file("passwd", "alice:$7$10$AAAA\n");
-    let text = format!("[broker]\nacl_file = \"{}\"\npassword_file = \"{}\"\n", acl.display(), passwd.display());
+    let text =
+        format!("[broker]\nacl_file = \"{}\"\npassword_file = \"{}\"\n", acl.display(), passwd.display());
     let found = first_lines(errors(&text));
     assert_eq!(found.len(), 3, "{found:?}");
     assert!(found[0].starts_with(&format!("/etc/fieldmq/t.toml:2:12: {}:4:", acl.display())), "{found:?}");
     assert!(found[1].starts_with(&format!("/etc/fieldmq/t.toml:2:12: {}:5:1:", acl.display())), "{found:?}");
-    assert!(found[2].starts_with(&format!("/etc/fieldmq/t.toml:3:17: {}:1:7:", passwd.display())), "{found:?}");
+    assert!(
+        found[2].starts_with(&format!("/etc/fieldmq/t.toml:3:17: {}:1:7:", passwd.display())),
+        "{found:?}"
+    );
 }
 
 #[test]
 fn anonymous_writes_on_a_lan_listener_are_warned_about_unless_the_acl_forbids_them() {
     let open = parse("[broker]\nlisten = [\"0.0.0.0:1883\", \"127.0.0.1:1884\"]\n").unwrap();
     assert_eq!(open.warnings.len(), 1, "{:?}", open.warnings);
-    assert!(open.warnings[0].starts_with("/etc/fieldmq/t.toml:2:10: 0.0.0.0:1883 lets anonymous clients write"));
+    assert!(
+        open.warnings[0].starts_with("/etc/fieldmq/t.toml:2:10: 0.0.0.0:1883 lets anonymous clients write")
+    );
     let read_only = temp_file("acl-ro", "topic read fieldmq/#\nuser ops\ntopic readwrite fieldmq/#\n");
     let text = format!("[broker]\nlisten = [\"0.0.0.0:1883\"]\nacl_file = \"{}\"\n", read_only.display());
     assert_eq!(parse(&text).unwrap().warnings, Vec::<String>::new());

@@ -213,3 +213,50 @@ pub(crate) async fn login(
         Err(Refusal::BadCredentials)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access(allow_anonymous: bool) -> Arc<Access> {
+        let hash = passwords::hash_password(b"pw", 1000).unwrap();
+        let passwords = PasswordFile::parse(&format!("alice:{hash}\n")).unwrap();
+        let acl = Acl::parse("topic read fieldmq/#\nuser alice\ntopic readwrite fieldmq/#\n").unwrap();
+        Arc::new(Access::new(allow_anonymous, Some(passwords), Some(acl)))
+    }
+
+    #[tokio::test]
+    async fn logins_are_decided_by_password_certificate_or_anonymity() {
+        let guard = LoginGuard::default();
+        let ip = Some("192.0.2.1".parse().unwrap());
+        let a = access(false);
+        let ok = login(a.clone(), &guard, ip, None, Some("alice"), Some(b"pw")).await;
+        assert_eq!(ok.unwrap().as_deref(), Some("alice"));
+        // Remembered: the second time needs no PBKDF2, and still checks.
+        assert!(a.verified_before("alice", b"pw"));
+        assert!(!a.verified_before("alice", b"pW"));
+        let wrong = login(a.clone(), &guard, ip, None, Some("alice"), Some(b"pW")).await;
+        assert_eq!(wrong, Err(Refusal::BadCredentials));
+        let unknown = login(a.clone(), &guard, ip, None, Some("mallory"), Some(b"pw")).await;
+        assert_eq!(unknown, Err(Refusal::BadCredentials));
+        let anonymous = login(a.clone(), &guard, ip, None, None, None).await;
+        assert_eq!(anonymous, Err(Refusal::AnonymousNotAllowed));
+        let certificate = login(a.clone(), &guard, ip, Some("sensor-7".into()), None, None).await;
+        assert_eq!(certificate.unwrap().as_deref(), Some("sensor-7"));
+        let open = access(true);
+        assert_eq!(login(open, &guard, ip, None, None, None).await, Ok(None));
+    }
+
+    #[test]
+    fn no_client_writes_sys_topics_even_without_an_acl() {
+        let open = Access::default();
+        assert!(!open.may_write(None, "c", "$SYS/broker/uptime"));
+        assert!(open.may_write(None, "c", "anything/at/all"));
+        assert!(open.may_read(None, "c", "$SYS/broker/uptime"));
+        let a = access(true);
+        assert!(!a.may_write(None, "c", "fieldmq/gw/plc/set/speed"));
+        assert!(a.may_write(Some("alice"), "c", "fieldmq/gw/plc/set/speed"));
+        assert!(a.may_subscribe(None, "c", "fieldmq/#"));
+        assert!(!a.may_subscribe(None, "c", "#"));
+    }
+}

@@ -299,7 +299,10 @@ impl Router {
 
     /// How many retained messages and subscriptions there are.
     pub fn counts(&self) -> (usize, usize) {
-        (self.retained.len(), self.subscriptions.len())
+        // `$SYS`'s own retained messages are not counted, so the figure is
+        // what clients and devices retained.
+        let sys = self.retained.keys().filter(|t| t.as_str().starts_with("$SYS/")).count();
+        (self.retained.len() - sys, self.subscriptions.len())
     }
 }
 

@@ -436,7 +436,6 @@ mod tests {
         // bytes; the listener's task tracker adds 8. Up to 272 bytes the
         // cell of an idle connection is 384 bytes, past that 512.
         let size = std::mem::size_of::<Serve<tokio::net::TcpStream>>();
-        eprintln!("SERVE SIZE {size}");
         assert!(size <= 272, "the connection task grew to {size} bytes");
     }
 }

@@ -183,9 +183,9 @@ async fn handshake_then_serve(
             let left = limit.saturating_sub(started.elapsed());
             match timeout(left, crate::websocket::accept(tls)).await {
                 Ok(Ok(mut ws)) => {
-                ws.set_max_frame(broker.settings().max_packet_size + 16);
-                serve_client(ws, broker, origin, permit).await
-            }
+                    ws.set_max_frame(broker.settings().max_packet_size + 16);
+                    serve_client(ws, broker, origin, permit).await
+                }
                 Ok(Err(e)) => fail("WebSocket handshake", e.to_string()),
                 Err(_) => fail("WebSocket handshake", "timed out".into()),
             }
