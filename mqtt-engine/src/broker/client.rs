@@ -346,7 +346,13 @@ impl Client {
             return self.violation(ReasonCode::TOPIC_NAME_INVALID, "invalid topic name");
         };
         BrokerStats::add(&self.broker.shared.stats.messages_received, 1);
-        if !self.broker.access().may_write(self.user(), self.client_id(), topic.as_str()) {
+        // `$SYS` is the broker's own, ACL or not.
+        let denied = topic.as_str().starts_with("$SYS")
+            || self
+                .broker
+                .acl_access()
+                .is_some_and(|a| !a.may_write(self.user(), self.client_id(), topic.as_str()));
+        if denied {
             return self.deny_publish(&publish, &topic);
         }
         if publish.qos == QoS::ExactlyOnce {
@@ -492,19 +498,18 @@ impl Client {
 
     /// Moves mail into the connection, within the client's receive maximum.
     pub(super) fn pump(&mut self) {
-        let mut access = None;
+        // Read access is checked at delivery too: the rules may have been
+        // reloaded, and a deny may cover part of a filter.
+        let access = self.broker.acl_access();
         while let Some(delivery) = self.claim.mailbox.pop() {
             if delivery.envelope.expired() {
                 continue;
             }
-            // Read access is checked at delivery too: the rules may have
-            // been reloaded, and a deny may cover part of a filter.
-            let access = access.get_or_insert_with(|| self.broker.access());
-            if !access.may_read(
-                self.identity.user.as_deref(),
-                &self.claim.client,
-                delivery.envelope.topic.as_str(),
-            ) {
+            let topic = delivery.envelope.topic.as_str();
+            if access
+                .as_ref()
+                .is_some_and(|a| !a.may_read(self.identity.user.as_deref(), &self.claim.client, topic))
+            {
                 continue;
             }
             if delivery.qos == QoS::AtMostOnce {

@@ -97,6 +97,9 @@ struct Shared {
     keepalives: Arc<KeepAlives>,
     /// Who may connect and do what; replaced whole on reload.
     access: RwLock<Arc<Access>>,
+    /// Whether `access` has an ACL: without one, publishes and deliveries
+    /// skip the lock and the check.
+    restricted: std::sync::atomic::AtomicBool,
     /// Failed logins per address.
     guard: LoginGuard,
     /// Counters for `$SYS`.
@@ -150,6 +153,7 @@ impl Broker {
                 buffer: RwLock::new(None),
                 keepalives: Arc::new(KeepAlives::new()),
                 access: RwLock::new(Arc::new(Access::default())),
+                restricted: std::sync::atomic::AtomicBool::new(false),
                 guard: LoginGuard::default(),
                 stats: stats::BrokerStats::default(),
             }),
@@ -169,7 +173,15 @@ impl Broker {
     /// Replaces the access rules (a reload): connected clients keep their
     /// session and meet the new rules at their next packet.
     pub fn set_access(&self, access: Access) {
+        let restricted = access.acl().is_some();
         *self.shared.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
+        self.shared.restricted.store(restricted, Ordering::Release);
+    }
+
+    /// The access rules when an ACL restricts clients; `None` when every
+    /// client may read and write everything (but `$SYS`).
+    pub(crate) fn acl_access(&self) -> Option<Arc<Access>> {
+        self.shared.restricted.load(Ordering::Acquire).then(|| self.access())
     }
 
     /// Cancelled when the broker stops: connections close.
