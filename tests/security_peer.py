@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import socket
 import ssl
 import struct
@@ -43,13 +44,16 @@ V5_SUCCESS, V5_BAD_CREDENTIALS, V5_NOT_AUTHORIZED, V5_SERVER_BUSY = 0x00, 0x86, 
 V3_SUB_FAILURE, V5_SUB_NOT_AUTHORIZED, V5_PUB_NOT_AUTHORIZED = 0x80, 0x87, 0x87
 V5_PACKET_TOO_LARGE = 0x95
 
-_sources = iter(range(secrets.randbelow(200) * 256 + 2, 10**9))
+_sources = iter(range(secrets.randbelow(1 << 20), 1 << 40))
 
 
 def new_source() -> str:
-    """A loopback address no other connection of this run used."""
-    n = next(_sources)
-    return f"127.{(n >> 16) % 250 + 2}.{(n >> 8) & 255}.{max(n & 255, 1)}"
+    """A loopback address (not 127.0.0.1) no other connection of this run used."""
+    while True:
+        n = next(_sources)
+        a, b, c = (n >> 16) % 250 + 2, (n >> 8) & 255, n & 255
+        if c not in (0, 255):
+            return f"127.{a}.{b}.{c}"
 
 
 def fieldmq_passwd(bin_path, file, user, password=None, delete=False, cwd=None):
@@ -85,7 +89,7 @@ class Broker:
     def reload(self, timeout=5.0):
         """SIGHUP, and waits for the gateway to say the files were read."""
         mark = len(self.gw.lines)
-        self.gw.send(__import__("signal").SIGHUP)
+        self.gw.send(signal.SIGHUP)
         self.gw.wait_for(r"SIGHUP: (password and ACL files read|config reloaded|.*refused)", timeout, after=mark)
         text = "\n".join(self.gw.lines[mark:])
         assert "refused" not in text, f"the reload was refused:\n{text}"

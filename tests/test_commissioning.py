@@ -14,7 +14,9 @@ def test_check_accepts_the_example_and_says_what_it_would_do(cli):
     r = cli("check", "--config", ROOT / "config" / "example.toml")
     assert r.code == 0, r.err
     assert "gateway: id pi-01, data in /var/lib/fieldmq" in r.out
-    assert "broker: listen 0.0.0.0:1883" in r.out
+    assert "broker: listen mqtt://0.0.0.0:1883" in r.out
+    assert "broker access: anonymous clients allowed" in r.out and "acl.example" in r.out
+    assert r.err == "", "the example lets anonymous clients read only: no warning"
     assert "device host (system): poll every 5s -> fieldmq/pi-01/host (json), publish always" in r.out
     assert (
         "device host-changes (system): poll every 10s -> fieldmq/pi-01/host-changes/<attribute> (value), "
@@ -61,7 +63,7 @@ def test_check_without_arguments_uses_the_embedded_default(cli):
     expected = "/etc/fieldmq/fieldmq.toml" if Path("/etc/fieldmq/fieldmq.toml").exists() else "<embedded default>"
     assert f"config: {expected}" in r.out
     if expected == "<embedded default>":
-        assert "broker: listen 127.0.0.1:1883" in r.out
+        assert "broker: listen mqtt://127.0.0.1:1883" in r.out
         assert f"-> fieldmq/{socket.gethostname()}/system (json)" in r.out
 
 
