@@ -21,6 +21,7 @@
 //! - `server/`: the listeners (TCP, TLS, WebSocket) and their accept loop.
 //! - `websocket/`: MQTT over WebSocket, a hand-written server side of
 //!   RFC 6455 (the upgrade handshake and binary framing).
+//! - `quickack.rs`: ACK at once what gets no answer (Nagle clients).
 //! - `local.rs`: [`Subscription`], an in-process subscriber's end.
 #![deny(missing_docs)]
 
@@ -32,6 +33,7 @@ pub mod connection;
 mod local;
 mod message;
 pub mod packet;
+mod quickack;
 mod random;
 pub mod server;
 mod topic;
@@ -40,4 +42,5 @@ pub mod websocket;
 pub use broker::{Broker, BrokerSettings};
 pub use local::Subscription;
 pub use message::{Message, QoS};
+pub use quickack::QuickAck;
 pub use topic::{TopicError, TopicFilter, TopicName};

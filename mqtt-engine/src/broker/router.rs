@@ -101,6 +101,8 @@ pub struct Router {
     internal: Vec<InternalSubscriber>,
     next_generation: u64,
     share_cursor: usize,
+    /// Deliveries dropped at a full client queue, for `$SYS`.
+    dropped: std::cell::Cell<u64>,
 }
 
 impl Router {
@@ -113,7 +115,13 @@ impl Router {
             internal: Vec::new(),
             next_generation: 1,
             share_cursor: 0,
+            dropped: std::cell::Cell::new(0),
         }
+    }
+
+    /// Deliveries dropped so far because a client's queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.get()
     }
 
     /// A fresh generation number for a claim.
@@ -195,7 +203,11 @@ impl Router {
             retain: retain_as_published && envelope.retain,
             subscription_ids,
         };
-        entry.mailbox.push(client, delivery)
+        let queued = entry.mailbox.push(client, delivery);
+        if !queued {
+            self.dropped.set(self.dropped.get() + 1);
+        }
+        queued
     }
 
     fn deliver_internal(&mut self, envelope: &Envelope) {

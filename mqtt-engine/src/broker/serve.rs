@@ -28,7 +28,7 @@ use super::{Broker, Ending};
 use crate::access::{login, Refusal};
 use crate::connection::{Inbox, Outbox};
 use crate::packet::*;
-use crate::TopicName;
+use crate::{QuickAck, TopicName};
 
 /// Serves one client on `stream` until it leaves, fails or the broker
 /// stops. `slot`, its place under `max_connections`, is held until then.
@@ -37,7 +37,7 @@ use crate::TopicName;
 /// One that is not `Unpin` can come as `Pin<Box<S>>`.
 pub fn serve_client<S>(stream: S, broker: Broker, origin: Origin, slot: OwnedSemaphorePermit) -> Serve<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + QuickAck + Unpin + Send + 'static,
 {
     Serve { step: Step::Handshake(Box::pin(handshake(stream, broker, origin))), _slot: slot }
 }
@@ -71,7 +71,7 @@ enum Step<S> {
 
 impl<S> Future for Serve<S>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + QuickAck + Unpin + Send + 'static,
 {
     type Output = ();
 
@@ -294,7 +294,7 @@ enum Phase {
     Wait,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
+impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
     /// The connection's life after CONNACK; ready with how it ended.
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Exit> {
         let Connection { stream, client, inbox, phase, write_timer } = self;
@@ -307,6 +307,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                     // Answers to a burst of packets go out in one write, once
                     // no whole packet is left to read.
                     let flush = !inbox.has_complete_packet() || client.outbox.pending() > 64 * 1024;
+                    if flush && client.outbox.pending() == 0 && !inbox.has_buffered() {
+                        // Nothing to carry the ACK: see quickack.rs.
+                        stream.quick_ack();
+                    }
                     *phase = if flush { Phase::Flush } else { Phase::Wait };
                 }
                 Phase::Flush => match client.outbox.poll_flush(stream.as_mut(), cx) {

@@ -23,8 +23,6 @@ pub(crate) struct BrokerStats {
     pub(crate) messages_sent: AtomicU64,
     pub(crate) bytes_received: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
-    /// Messages dropped because a client's queue was full.
-    pub(crate) dropped: AtomicU64,
     /// Publishes refused by the ACL.
     pub(crate) denied: AtomicU64,
     connected: AtomicU64,
@@ -39,7 +37,6 @@ impl Default for BrokerStats {
             messages_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
             bytes_sent: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
             denied: AtomicU64::new(0),
             connected: AtomicU64::new(0),
             connected_max: AtomicU64::new(0),
@@ -67,6 +64,7 @@ pub fn sys_values(broker: &Broker) -> Vec<(String, String)> {
     let stats = &broker.shared.stats;
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed).to_string();
     let (sessions, online, retained, subscriptions) = broker.counts();
+    let dropped = broker.router().dropped();
     let mut values = vec![
         ("version".to_owned(), format!("fieldmq {}", env!("CARGO_PKG_VERSION"))),
         ("uptime".to_owned(), format!("{} seconds", stats.started.elapsed().as_secs())),
@@ -76,7 +74,7 @@ pub fn sys_values(broker: &Broker) -> Vec<(String, String)> {
         ("clients/maximum".to_owned(), get(&stats.connected_max)),
         ("messages/received".to_owned(), get(&stats.messages_received)),
         ("messages/sent".to_owned(), get(&stats.messages_sent)),
-        ("messages/dropped".to_owned(), get(&stats.dropped)),
+        ("messages/dropped".to_owned(), dropped.to_string()),
         ("messages/denied".to_owned(), get(&stats.denied)),
         ("bytes/received".to_owned(), get(&stats.bytes_received)),
         ("bytes/sent".to_owned(), get(&stats.bytes_sent)),
