@@ -356,6 +356,18 @@ def test_invalid_filters_get_suback_failure_codes_in_v5(port):
     assert body[-3:] == b"\x8f\x01\x8f"
 
 
+def test_an_invalid_filter_closes_a_v311_connection(port):
+    # MQTT-4.7.1-2 / MQTT-4.7.3-1 make `a/#/b` and an empty filter invalid;
+    # 3.1.1's SUBACK has no code for it, and a protocol violation closes
+    # the connection (MQTT-4.8.0-1), as mosquitto does.
+    for bad in ["a/#/b", "", "fuzz/a+"]:
+        c = raw.Raw(port)
+        c.send(raw.connect("filters311", v5=False))
+        c.expect(2)
+        c.send(raw.subscribe(3, [("ok/+", 1), (bad, 1)], v5=False))
+        assert all(first >> 4 != 9 for first, _ in c.closed()), f"{bad!r} got a SUBACK"
+
+
 def test_keepalive_is_enforced_at_one_and_a_half_times(port):
     # MQTT-3.1.2-24 (5.0) / MQTT-3.1.2-22: no packet within 1.5 x keep alive
     # closes the connection; v5 says why (0x8D).

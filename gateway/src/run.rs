@@ -264,13 +264,15 @@ fn broker_settings(config: &Config) -> BrokerSettings {
 /// as they were started: changing those needs a restart, and says so.
 fn reload_access(old: &Config, new: &Config, broker: &Broker) -> Result<(), Vec<String>> {
     let access = Access::load(&new.broker.access)?;
+    let (users, anonymous) = (access.passwords().map_or(0, |p| p.len()), access.allow_anonymous());
+    broker.set_access(access);
+    // Logged once in force: a packet sent after this line meets the new rules.
     tracing::info!(
-        users = access.passwords().map_or(0, |p| p.len()),
+        users,
         acl = new.broker.access.acl_file.is_some(),
-        anonymous = access.allow_anonymous(),
+        anonymous,
         "SIGHUP: password and ACL files read; connected clients keep their session under the new rules"
     );
-    broker.set_access(access);
     let (o, n) = (&old.broker, &new.broker);
     if o.listeners != n.listeners
         || o.tls != n.tls

@@ -109,7 +109,8 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
     listeners.extend(addresses(&b.wss_listen, ListenerKind::WebSocketTls, &[], diags));
     let mut seen = BTreeSet::new();
     for (addr, kind) in &listeners {
-        if !seen.insert(*addr) {
+        // Port 0 is a fresh port for each listener.
+        if addr.port() != 0 && !seen.insert(*addr) {
             diags.push(whole_key(b, *kind, format!("{addr} is given to two listeners")));
         }
     }

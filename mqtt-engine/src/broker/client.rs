@@ -444,12 +444,13 @@ impl Client {
         let access = self.broker.access();
         for (raw, options) in &subscribe.filters {
             let Ok(parsed) = parse_filter(raw) else {
-                // MQTT 5: 0x8F per filter (mosquitto 2.0.11 gets this wrong); 3.1.1: 0x80.
-                codes.push(if self.v5() {
-                    ReasonCode::TOPIC_FILTER_INVALID
-                } else {
-                    ReasonCode::UNSPECIFIED_ERROR
-                });
+                if !self.v5() {
+                    // 3.1.1 has no code for it: a filter breaking 4.7.1 is a
+                    // protocol violation, which closes (MQTT-4.8.0-1).
+                    return self.violation(ReasonCode::PROTOCOL_ERROR, "invalid topic filter");
+                }
+                // MQTT 5: 0x8F per filter (mosquitto 2.0.11 gets this wrong).
+                codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             };
             if parsed.group.is_some() && options.no_local {
