@@ -833,3 +833,25 @@ def test_check_warns_when_a_lan_listener_lets_anonymous_clients_write(cli, write
     for text in (base + "allow_anonymous = false\n", base.replace("0.0.0.0", "127.0.0.1")):
         r = cli("check", "--config", write_config(text))
         assert r.code == 0 and "lets anonymous clients write" not in r.err, r.err
+
+
+def test_an_absent_clients_queue_is_bounded_by_bytes_and_the_drops_are_counted(broker, clients):
+    # max_queued_bytes: an offline persistent session (MQTT-3.1.2-5 queues
+    # its QoS 1 messages) keeps at most that many topic and payload bytes;
+    # the rest is dropped and counted in $SYS, and what was kept arrives in
+    # order when the client comes back.
+    b = broker(sys_interval="1s", max_queued_bytes="4KiB")
+    watcher = SysWatcher(b.port, v5=False)
+    clients.append(watcher)
+    absent = clients.new(b.port, v5=False, client_id="absent", clean=False)
+    assert absent.subscribe("bulk/#", qos=1) == [1]
+    absent.close()
+    pub = clients.new(b.port, v5=False)
+    for i in range(10):
+        pub.publish(f"bulk/{i}", bytes([65 + i]) * 1000, qos=1)
+    watcher.wait_value("messages/dropped", 6)
+    back = clients.new(b.port, v5=False, client_id="absent", clean=False)
+    for i in range(4):
+        assert back.wait_for(f"bulk/{i}").payload == bytes([65 + i]) * 1000
+    time.sleep(0.5)
+    assert [m.topic for m in back.received()] == [f"bulk/{i}" for i in range(4)]

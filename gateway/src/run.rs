@@ -255,6 +255,7 @@ fn broker_settings(config: &Config) -> BrokerSettings {
         connect_timeout: b.connect_timeout,
         max_inflight: b.max_inflight,
         max_queued: b.max_queued as usize,
+        max_queued_bytes: b.max_queued_bytes as usize,
         ..BrokerSettings::default()
     }
 }
@@ -280,6 +281,7 @@ fn reload_access(old: &Config, new: &Config, broker: &Broker) -> Result<(), Vec<
         || o.max_packet_size != n.max_packet_size
         || o.max_inflight != n.max_inflight
         || o.max_queued != n.max_queued
+        || o.max_queued_bytes != n.max_queued_bytes
     {
         tracing::warn!("SIGHUP: [broker] listeners, TLS files and limits take effect at the next restart");
     }

@@ -65,6 +65,8 @@ pub struct BrokerConfig {
     pub max_inflight: u16,
     /// Messages waiting for one client at most.
     pub max_queued: u32,
+    /// Their topic and payload bytes at most.
+    pub max_queued_bytes: u64,
     /// How often `$SYS` is published; zero: never.
     pub sys_interval: Duration,
     /// Allowed but probably not meant; rendered into `Config::warnings`.
@@ -248,6 +250,13 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
         }
         *m.get_ref()
     });
+    let max_queued_bytes = b.max_queued_bytes.as_ref().map_or(16 << 20, |m| {
+        let size = m.get_ref().0;
+        if size < 1024 || size > u64::from(u32::MAX) {
+            diags.push(Diagnostic::at(m.span(), "max_queued_bytes must be between 1KiB and 4GiB"));
+        }
+        size
+    });
     let sys_interval = b.sys_interval.as_ref().map_or(Duration::from_secs(10), |t| {
         let d = t.get_ref().0;
         if !d.is_zero() && d < Duration::from_millis(100) {
@@ -264,6 +273,7 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
         connect_timeout,
         max_inflight,
         max_queued,
+        max_queued_bytes,
         sys_interval,
         warnings,
     }

@@ -73,6 +73,7 @@ pub struct BrokerSection {
     pub connect_timeout: Option<Spanned<ConfigDuration>>,
     pub max_inflight: Option<Spanned<u16>>,
     pub max_queued: Option<Spanned<u32>>,
+    pub max_queued_bytes: Option<Spanned<ByteSize>>,
     pub sys_interval: Option<Spanned<ConfigDuration>>,
 }
 

@@ -492,7 +492,8 @@ impl Client {
             properties: Properties::default(),
         }));
         for delivery in retained {
-            self.claim.mailbox.push(self.client_id(), delivery);
+            let limits = self.broker.settings().queue_limits();
+            self.claim.mailbox.push(self.client_id(), delivery, limits);
         }
         None
     }

@@ -168,7 +168,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_deadline_moved_on_is_waited_for_and_a_passed_one_wakes_its_connection() {
         let keepalives = Arc::new(KeepAlives::new());
-        let mailbox = Arc::new(Mailbox::new(1));
+        let mailbox = Arc::new(Mailbox::new());
         mailbox.take_over(1);
         assert!(mailbox.set_keepalive_deadline(keepalives.deadline(Duration::from_millis(1500))));
         keepalives.watch(mailbox.clone(), 1, &CancellationToken::new());
@@ -186,7 +186,7 @@ mod tests {
     async fn a_connection_gone_or_taken_over_is_forgotten() {
         let keepalives = Arc::new(KeepAlives::new());
         let shutdown = CancellationToken::new();
-        let (gone, taken) = (Arc::new(Mailbox::new(1)), Arc::new(Mailbox::new(1)));
+        let (gone, taken) = (Arc::new(Mailbox::new()), Arc::new(Mailbox::new()));
         for (mailbox, generation) in [(&gone, 1), (&taken, 2)] {
             mailbox.take_over(generation);
             mailbox.set_keepalive_deadline(keepalives.deadline(Duration::from_secs(1)));

@@ -37,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use keepalive::KeepAlives;
 use router::{Router, SessionEntry};
 pub use serve::{serve_client, Origin};
-pub use session::{Delivery, Envelope, Mailbox, SessionState};
+pub use session::{Delivery, Envelope, Mailbox, QueueLimits, SessionState};
 pub use stats::{publish_sys, sys_values};
 
 use crate::access::{Access, LoginGuard};
@@ -56,6 +56,8 @@ pub struct BrokerSettings {
     pub max_inflight: u16,
     /// How many messages wait per client before new ones are dropped.
     pub max_queued: usize,
+    /// How many topic and payload bytes wait per client, likewise.
+    pub max_queued_bytes: usize,
     /// How many topic aliases a client may use towards us.
     pub topic_alias_maximum: u16,
     /// How long a new connection may take to send CONNECT.
@@ -65,6 +67,13 @@ pub struct BrokerSettings {
     pub max_keep_alive: u16,
 }
 
+impl BrokerSettings {
+    /// What may wait for one client.
+    pub fn queue_limits(&self) -> QueueLimits {
+        QueueLimits { messages: self.max_queued, bytes: self.max_queued_bytes }
+    }
+}
+
 impl Default for BrokerSettings {
     fn default() -> Self {
         BrokerSettings {
@@ -72,6 +81,7 @@ impl Default for BrokerSettings {
             receive_maximum: 1024,
             max_inflight: 64,
             max_queued: 10_000,
+            max_queued_bytes: 16 << 20,
             topic_alias_maximum: 64,
             connect_timeout: Duration::from_secs(10),
             max_keep_alive: 0,
@@ -146,7 +156,7 @@ impl Broker {
     pub fn new(settings: BrokerSettings) -> Self {
         Broker {
             shared: Arc::new(Shared {
-                router: Mutex::new(Router::new()),
+                router: Mutex::new(Router::with_limits(settings.queue_limits())),
                 settings,
                 shutdown: CancellationToken::new(),
                 changes: AtomicU64::new(0),
@@ -313,8 +323,7 @@ impl Broker {
         let (state, mailbox, existed, generation) = {
             let mut router = self.router();
             let generation = router.next_generation();
-            let capacity = self.shared.settings.max_queued;
-            let entry = router.sessions.entry(client.clone()).or_insert_with(|| SessionEntry::new(capacity));
+            let entry = router.sessions.entry(client.clone()).or_insert_with(SessionEntry::new);
             // A session held by a connection whose session ends with it (a
             // clean session) is not resumed by a takeover: it was never
             // going to outlive that connection.

@@ -22,7 +22,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::time::Instant;
 
 use super::router::SessionEntry;
-use super::session::{Delivery, Envelope, Outgoing, SessionState};
+use super::session::{Delivery, Envelope, Outgoing, QueueLimits, SessionState};
 use super::Broker;
 use crate::packet::properties::Context;
 use crate::packet::wire::Reader;
@@ -205,7 +205,7 @@ impl Broker {
             let expiry = r.u32("expiry")?;
             let saved_at = r.u64("saved at")?;
             let mut state = SessionState::default();
-            let mut entry = SessionEntry::new(self.settings().max_queued);
+            let mut entry = SessionEntry::new();
             for _ in 0..r.u32("count")? {
                 let filter = get_str(&mut r)?;
                 let o = r.u8("options")?;
@@ -233,7 +233,8 @@ impl Broker {
             }
             state.last_id = r.u16("last id")?;
             for _ in 0..r.u32("count")? {
-                entry.mailbox.push(&client, get_delivery(&mut r)?);
+                // Saved within the bounds: all of it comes back.
+                entry.mailbox.push(&client, get_delivery(&mut r)?, QueueLimits::NONE);
             }
             // The time the gateway was down counts against the expiry.
             let down = unix_now().saturating_sub(saved_at).min(u64::from(u32::MAX)) as u32;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::session::{Delivery, Envelope, Mailbox, SessionState};
+use super::session::{Delivery, Envelope, Mailbox, QueueLimits, SessionState};
 use super::subscriptions::{Subscriber, SubscriptionTree};
 use crate::packet::SubscriptionOptions;
 use crate::{Message, QoS, TopicError, TopicFilter, TopicName};
@@ -45,11 +45,11 @@ pub struct SessionEntry {
 }
 
 impl SessionEntry {
-    /// A new, empty entry whose mailbox holds at most `capacity` deliveries.
-    pub fn new(capacity: usize) -> Self {
+    /// A new, empty entry.
+    pub fn new() -> Self {
         SessionEntry {
             state: Default::default(),
-            mailbox: Arc::new(Mailbox::new(capacity)),
+            mailbox: Arc::new(Mailbox::new()),
             held: false,
             generation: 0,
             taken_over_clean: false,
@@ -103,6 +103,8 @@ pub struct Router {
     share_cursor: usize,
     /// Deliveries dropped at a full client queue, for `$SYS`.
     dropped: std::cell::Cell<u64>,
+    /// How much may wait for one client.
+    limits: QueueLimits,
 }
 
 impl Router {
@@ -116,7 +118,13 @@ impl Router {
             next_generation: 1,
             share_cursor: 0,
             dropped: std::cell::Cell::new(0),
+            limits: QueueLimits { messages: 10_000, bytes: 16 << 20 },
         }
+    }
+
+    /// An empty router whose clients' mailboxes hold what `limits` allow.
+    pub fn with_limits(limits: QueueLimits) -> Self {
+        Router { limits, ..Router::new() }
     }
 
     /// Deliveries dropped so far because a client's queue was full.
@@ -203,7 +211,7 @@ impl Router {
             retain: retain_as_published && envelope.retain,
             subscription_ids,
         };
-        let queued = entry.mailbox.push(client, delivery);
+        let queued = entry.mailbox.push(client, delivery, self.limits);
         if !queued {
             self.dropped.set(self.dropped.get() + 1);
         }
@@ -343,9 +351,9 @@ mod tests {
     }
 
     fn session(router: &mut Router, client: &str) -> Arc<Mailbox> {
-        let mailbox = Arc::new(Mailbox::new(100));
+        let mailbox = Arc::new(Mailbox::new());
         mailbox.set_online(true);
-        let mut entry = SessionEntry::new(100);
+        let mut entry = SessionEntry::new();
         entry.mailbox = mailbox.clone();
         entry.generation = 1;
         router.sessions.insert(client.into(), entry);

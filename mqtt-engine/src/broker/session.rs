@@ -106,8 +106,29 @@ struct Inner {
     /// Something happened since the connection last looked: like
     /// `Notify::notify_one`, a signal without a waiter is kept for it.
     signalled: bool,
-    /// How many deliveries may wait.
-    capacity: u32,
+    /// Topic and payload bytes of what waits (saturating).
+    bytes: u32,
+}
+
+/// How much may wait in one client's mailbox; the broker's settings,
+/// passed at each push rather than kept in every mailbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Deliveries.
+    pub messages: usize,
+    /// Topic and payload bytes.
+    pub bytes: usize,
+}
+
+impl QueueLimits {
+    /// No bound: for restoring what was saved within the bounds.
+    pub const NONE: QueueLimits = QueueLimits { messages: usize::MAX, bytes: usize::MAX };
+}
+
+/// What a delivery counts against [`QueueLimits::bytes`].
+fn weight(delivery: &Delivery) -> u32 {
+    let envelope = &delivery.envelope;
+    u32::try_from(envelope.payload.len() + envelope.topic.as_str().len()).unwrap_or(u32::MAX)
 }
 
 impl Inner {
@@ -118,14 +139,17 @@ impl Inner {
     }
 }
 
+impl Default for Mailbox {
+    fn default() -> Self {
+        Mailbox::new()
+    }
+}
+
 impl Mailbox {
-    /// An empty mailbox holding at most `capacity` deliveries.
-    pub fn new(capacity: usize) -> Self {
+    /// An empty mailbox.
+    pub fn new() -> Self {
         Mailbox {
-            inner: Mutex::new(Inner {
-                capacity: u32::try_from(capacity).unwrap_or(u32::MAX),
-                ..Inner::default()
-            }),
+            inner: Mutex::new(Inner::default()),
             dropped: AtomicU32::new(0),
             online: AtomicBool::new(false),
             holder: AtomicU64::new(0),
@@ -138,19 +162,23 @@ impl Mailbox {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues a delivery. A full mailbox drops it, counted and logged
-    /// (first drop, then every thousandth), and returns false.
-    pub fn push(&self, client: &str, delivery: Delivery) -> bool {
+    /// Queues a delivery. A full mailbox (by count or by bytes) drops it,
+    /// counted and logged (first drop, then every thousandth), and returns
+    /// false.
+    pub fn push(&self, client: &str, delivery: Delivery, limits: QueueLimits) -> bool {
         let mut inner = self.lock();
-        let capacity = inner.capacity;
-        if inner.queue.len() >= capacity as usize {
+        let size = weight(&delivery);
+        let bytes = inner.bytes as usize + size as usize;
+        if inner.queue.len() >= limits.messages || (bytes > limits.bytes && !inner.queue.is_empty()) {
+            let (queued, queued_bytes) = (inner.queue.len(), inner.bytes);
             drop(inner);
             let dropped = self.dropped.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
             if dropped == 1 || dropped % 1000 == 0 {
-                tracing::warn!(client, dropped, capacity, "client queue full: message dropped");
+                tracing::warn!(client, dropped, queued, queued_bytes, "client queue full: message dropped");
             }
             return false;
         }
+        inner.bytes = inner.bytes.saturating_add(size);
         inner.queue.push_back(delivery);
         let waker = inner.signal();
         drop(inner);
@@ -184,12 +212,17 @@ impl Mailbox {
 
     /// Puts a delivery back at the front (it could not be sent yet).
     pub fn unpop(&self, delivery: Delivery) {
-        self.lock().queue.push_front(delivery);
+        let mut inner = self.lock();
+        inner.bytes = inner.bytes.saturating_add(weight(&delivery));
+        inner.queue.push_front(delivery);
     }
 
     /// The next delivery.
     pub fn pop(&self) -> Option<Delivery> {
-        self.lock().queue.pop_front()
+        let mut inner = self.lock();
+        let delivery = inner.queue.pop_front()?;
+        inner.bytes = inner.bytes.saturating_sub(weight(&delivery));
+        Some(delivery)
     }
 
     /// A copy of what waits, for a snapshot.
@@ -200,12 +233,16 @@ impl Mailbox {
     /// Drops the QoS 0 deliveries still waiting: they were for a connection
     /// that is gone, and QoS 0 is not kept for an absent client.
     pub fn drop_qos0(&self) {
-        self.lock().queue.retain(|d| d.qos != QoS::AtMostOnce);
+        let mut inner = self.lock();
+        inner.queue.retain(|d| d.qos != QoS::AtMostOnce);
+        inner.bytes = inner.queue.iter().fold(0u32, |sum, d| sum.saturating_add(weight(d)));
     }
 
     /// Empties the mailbox.
     pub fn clear(&self) {
-        self.lock().queue.clear();
+        let mut inner = self.lock();
+        inner.queue.clear();
+        inner.bytes = 0;
     }
 
     /// Ready once something was pushed (or [`wake`](Self::wake) was
@@ -365,20 +402,39 @@ mod tests {
         }
     }
 
+    const ROOMY: QueueLimits = QueueLimits { messages: 10, bytes: 1 << 20 };
+
     #[test]
     fn a_full_mailbox_drops_and_counts() {
-        let m = Mailbox::new(2);
-        assert!(m.push("c", delivery()));
-        assert!(m.push("c", delivery()));
-        assert!(!m.push("c", delivery()));
+        let two = QueueLimits { messages: 2, ..ROOMY };
+        let m = Mailbox::new();
+        assert!(m.push("c", delivery(), two));
+        assert!(m.push("c", delivery(), two));
+        assert!(!m.push("c", delivery(), two));
         assert_eq!((m.len(), m.dropped()), (2, 1));
     }
 
     #[test]
+    fn a_mailbox_is_full_by_bytes_too_but_takes_one_message_however_large() {
+        let size = weight(&delivery()) as usize;
+        let small = QueueLimits { messages: 100, bytes: size * 2 };
+        let m = Mailbox::new();
+        assert!(m.push("c", delivery(), small));
+        assert!(m.push("c", delivery(), small));
+        assert!(!m.push("c", delivery(), small), "a third would pass the byte bound");
+        assert!(m.pop().is_some());
+        assert!(m.push("c", delivery(), small), "popping gave the bytes back");
+        m.clear();
+        let tiny = QueueLimits { messages: 100, bytes: 1 };
+        assert!(m.push("c", delivery(), tiny), "an empty mailbox takes any one message");
+        assert!(!m.push("c", delivery(), tiny));
+    }
+
+    #[test]
     fn going_away_drops_waiting_qos0_but_keeps_qos1() {
-        let m = Mailbox::new(10);
-        m.push("c", delivery());
-        m.push("c", Delivery { qos: QoS::AtMostOnce, ..delivery() });
+        let m = Mailbox::new();
+        m.push("c", delivery(), ROOMY);
+        m.push("c", Delivery { qos: QoS::AtMostOnce, ..delivery() }, ROOMY);
         m.drop_qos0();
         assert_eq!(m.len(), 1);
         assert_eq!(m.pop().unwrap().qos, QoS::AtLeastOnce);
@@ -386,11 +442,11 @@ mod tests {
 
     #[test]
     fn a_signal_without_a_waiting_connection_is_kept_for_it_once() {
-        let m = Mailbox::new(10);
+        let m = Mailbox::new();
         let mut cx = Context::from_waker(Waker::noop());
         assert!(m.poll_notified(&mut cx).is_pending());
-        m.push("c", delivery());
-        m.push("c", delivery());
+        m.push("c", delivery(), ROOMY);
+        m.push("c", delivery(), ROOMY);
         assert!(m.poll_notified(&mut cx).is_ready());
         assert!(m.poll_notified(&mut cx).is_pending(), "one permit, as with Notify");
         m.wake();
@@ -399,7 +455,7 @@ mod tests {
 
     #[test]
     fn a_takeover_concerns_older_claims_only() {
-        let m = Mailbox::new(1);
+        let m = Mailbox::new();
         m.take_over(5);
         assert!(m.taken_over(4));
         assert!(!m.taken_over(5));
