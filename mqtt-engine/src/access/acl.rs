@@ -130,15 +130,24 @@ struct Rule {
 /// The client a check is for, with each substitution already vetted:
 /// `None` when it must not be substituted (absent, empty, or holding
 /// `/`, `+`, `#`), which makes every level using it fail to match.
+/// Vetted only when a `pattern` needs it: most checks never substitute,
+/// and this runs for every delivery.
 struct Who<'a> {
-    user: Option<&'a str>,
-    client_id: Option<&'a str>,
+    raw: (Option<&'a str>, &'a str),
+    vetted: std::cell::OnceCell<(Option<&'a str>, Option<&'a str>)>,
 }
 
 impl<'a> Who<'a> {
     fn new(user: Option<&'a str>, client_id: &'a str) -> Self {
-        let usable = |s: &&str| !s.is_empty() && !s.contains(['/', '+', '#']);
-        Who { user: user.filter(usable), client_id: Some(client_id).filter(usable) }
+        Who { raw: (user, client_id), vetted: std::cell::OnceCell::new() }
+    }
+
+    /// (user, client id), each `None` unless it may be substituted.
+    fn substitutes(&self) -> (Option<&'a str>, Option<&'a str>) {
+        *self.vetted.get_or_init(|| {
+            let usable = |s: &&str| !s.is_empty() && !s.contains(['/', '+', '#']);
+            (self.raw.0.filter(usable), Some(self.raw.1).filter(usable))
+        })
     }
 }
 
@@ -271,11 +280,11 @@ fn template_matches(pieces: &[Piece], mut level: &str, who: &Who) -> bool {
     for piece in pieces {
         let expected = match piece {
             Piece::Text(text) => text.as_str(),
-            Piece::ClientId => match who.client_id {
+            Piece::ClientId => match who.substitutes().1 {
                 Some(id) => id,
                 None => return false,
             },
-            Piece::Username => match who.user {
+            Piece::Username => match who.substitutes().0 {
                 Some(user) => user,
                 None => return false,
             },
