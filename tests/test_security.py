@@ -237,9 +237,11 @@ def test_passwd_users_log_in_and_wrong_or_unknown_credentials_are_refused_alike(
     # A user name without a password is a wrong password.
     assert connack(b.port, v5=True, username="alice") == V5_BAD_CREDENTIALS
 
-    # --delete, then SIGHUP: alice is refused from now on; carol still gets in,
-    # and alice's open connection is not cut by the reload.
+    # --delete, then SIGHUP: alice is refused from now on, and her open
+    # connection is cut (DISCONNECT 0x87): a leaked password removed must
+    # not leave its holder connected. Carol, unchanged, stays connected.
     alice = clients.new(b.port, v5=True, username="alice", password="correct horse", client_id="alice-open")
+    carol = clients.new(b.port, v5=True, username="carol", password="carol's secret", client_id="carol-open")
     proc = fieldmq_passwd(fieldmq_bin, passwd, "alice", delete=True)
     assert proc.returncode == 0, proc.stderr
     assert "alice" not in passwd.read_text() and "carol:" in passwd.read_text()
@@ -249,7 +251,9 @@ def test_passwd_users_log_in_and_wrong_or_unknown_credentials_are_refused_alike(
     assert connack(b.port, v5=True, username="alice", password="correct horse") == V5_BAD_CREDENTIALS
     assert connack(b.port, v5=False, username="alice", password="correct horse") == V3_NOT_AUTHORIZED
     clients.new(b.port, v5=False, username="carol", password="carol's secret")
-    assert alice.subscribe("still/#") == [1] and alice.connected
+    reason = alice.wait_closed()
+    assert reason is not None and reason.value == V5_NOT_AUTHORIZED, reason
+    assert carol.subscribe("still/#") == [1] and carol.connected
     # Deleting a user who is not there is an error (exit 2), and the file stays.
     before = passwd.read_text()
     proc = fieldmq_passwd(fieldmq_bin, passwd, "nobody", delete=True)
@@ -855,3 +859,24 @@ def test_an_absent_clients_queue_is_bounded_by_bytes_and_the_drops_are_counted(b
         assert back.wait_for(f"bulk/{i}").payload == bytes([65 + i]) * 1000
     time.sleep(0.5)
     assert [m.topic for m in back.received()] == [f"bulk/{i}" for i in range(4)]
+
+
+def test_a_client_id_does_not_hand_another_users_session_over(broker, clients):
+    # Another user may neither kick a connected client off by reusing its
+    # client id (MQTT-3.1.4-3 takeover is for the same client), nor resume
+    # its persistent session and read what was queued for it.
+    acl = "user ops\ntopic readwrite secret/#\nuser eve\ntopic readwrite secret/#\n"
+    b = broker(acl=acl, passwords={"ops": "ops-pass", "eve": "eve-pass"})
+    ops = clients.new(b.port, v5=False, client_id="dash", username="ops", password="ops-pass", clean=False)
+    assert ops.subscribe("secret/#", qos=1) == [1]
+    for v5 in (True, False):
+        assert connack(b.port, v5=v5, client_id="dash", username="eve", password="eve-pass", clean=False) in (
+            V5_NOT_AUTHORIZED, V3_NOT_AUTHORIZED)
+        assert connack(b.port, v5=v5, client_id="dash", clean=False) in (V5_NOT_AUTHORIZED, V3_NOT_AUTHORIZED)
+    assert ops.connected and round_trip(ops, ops, "secret/live", b"still here")
+    ops.close()
+    writer = clients.new(b.port, v5=False, username="ops", password="ops-pass")
+    writer.publish("secret/queued", b"for ops only", qos=1)
+    eve = clients.new(b.port, v5=False, client_id="dash", username="eve", password="eve-pass", clean=False)
+    time.sleep(0.5)
+    assert eve.received() == [], "eve got what was queued for ops"

@@ -7,6 +7,8 @@
 //! is rewritten whole through a temporary file and a rename, so a gateway
 //! reading it on SIGHUP never sees half of it; it keeps its owner and
 //! group, and its mode is 0640 (the gateway's group reads it, nobody else).
+//! A new file gets the caller's user and group: the package makes
+//! /etc/fieldmq/passwd root:fieldmq at install, so the service can read it.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
@@ -42,9 +44,16 @@ pub fn passwd(args: PasswdArgs) -> ExitCode {
 
 fn run(args: &PasswdArgs) -> Result<String, String> {
     let user = args.user.as_str();
-    if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
+    // `#` would read back as a comment, outer spaces could never match an
+    // ACL `user` line (which is trimmed), `:` ends the name in the file.
+    let bad = user.is_empty()
+        || user.contains(':')
+        || user.starts_with('#')
+        || user.trim() != user
+        || user.chars().any(char::is_control);
+    if bad {
         return Err(format!(
-            "`{user}` cannot be a user name: it must be non-empty, without `:` or control characters"
+            "`{user}` cannot be a user name: it must be non-empty, not start with `#`, have no spaces at its ends, and no `:` or control characters"
         ));
     }
     let file = args.file.as_path();

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ListenerKind};
+use crate::config::{self, Config, ListenerKind};
 use crate::mapping::Mapper;
 use crate::runtime::{self, SeenNodes};
 use crate::signals::{Request, Signals};
@@ -176,6 +176,14 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
                     );
                     continue;
                 }
+                // What is bound at start stays as it runs, so the plan logged
+                // below is the truth and a later reload still compares with it.
+                let mut new = new;
+                new.broker = config::BrokerConfig {
+                    access: new.broker.access.clone(),
+                    warnings: Vec::new(),
+                    ..config.broker.clone()
+                };
                 tracing::info!("SIGHUP: config reloaded, restarting the devices");
                 let seen = pipeline.stop().await;
                 retire(&config, &new, &broker, &seen);
@@ -282,6 +290,8 @@ fn reload_access(old: &Config, new: &Config, broker: &Broker) -> Result<(), Vec<
         || o.max_inflight != n.max_inflight
         || o.max_queued != n.max_queued
         || o.max_queued_bytes != n.max_queued_bytes
+        || o.connect_timeout != n.connect_timeout
+        || o.sys_interval != n.sys_interval
     {
         tracing::warn!("SIGHUP: [broker] listeners, TLS files and limits take effect at the next restart");
     }

@@ -168,7 +168,7 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
                     warnings.push(at(
                         &b.password_file,
                         &format!(
-                            "user `{user}` has mosquitto 1.x's weak hash; set it again with `fieldmq passwd`"
+                            "user `{user}` has a weak hash (mosquitto 1.x's, or under 10,000 rounds as mosquitto_passwd writes): a stolen file gives its password away fast, and its quicker logins tell which users exist; set it again with `fieldmq passwd`"
                         ),
                     ));
                 }

@@ -192,6 +192,10 @@ pub(crate) async fn login(
     if access.verified_before(user, password) {
         return Ok(Some(Arc::from(user)));
     }
+    let Some(_pending) = guard.begin(ip) else {
+        // Penalised, with a check from there already running: no hashing.
+        return Err(Refusal::BadCredentials);
+    };
     guard.wait_turn(ip).await;
     let verified = if passwords.is_empty() {
         false

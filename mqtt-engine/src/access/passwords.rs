@@ -60,9 +60,15 @@ impl std::fmt::Display for PasswordFileError {
 #[derive(Debug, Clone, Default)]
 pub struct PasswordFile {
     users: BTreeMap<String, Hash>,
-    /// Users whose hash is mosquitto 1.x's weak one.
+    /// Users whose hash is weak: mosquitto 1.x's, or few rounds.
     weak: Vec<String>,
+    /// The most rounds of any hash: an unknown user is hashed with as many,
+    /// so that a refusal takes as long whichever part was wrong.
+    dummy_rounds: u32,
 }
+
+/// Fewer PBKDF2 rounds than this is weak (mosquitto_passwd 2.0 writes 101).
+pub const WEAK_ROUNDS: u32 = 10_000;
 
 impl PasswordFile {
     /// Parses the text of a password file; every bad line is reported.
@@ -89,7 +95,14 @@ impl PasswordFile {
             }
             match parse_hash(hash) {
                 Ok(parsed) => {
-                    if matches!(parsed, Hash::Sha512 { .. }) {
+                    let weak = match &parsed {
+                        Hash::Sha512 { .. } => true,
+                        Hash::Pbkdf2 { iterations, .. } => {
+                            file.dummy_rounds = file.dummy_rounds.max(iterations.get());
+                            iterations.get() < WEAK_ROUNDS
+                        }
+                    };
+                    if weak {
                         file.weak.push(user.to_owned());
                     }
                     if file.users.insert(user.to_owned(), parsed).is_some() {
@@ -117,7 +130,18 @@ impl PasswordFile {
         })
     }
 
-    /// Users whose hash is mosquitto 1.x's single salted SHA-512.
+    /// The users of this file that `new` drops or gives another hash: a
+    /// reload disconnects them.
+    pub fn revoked_by(&self, new: Option<&PasswordFile>) -> Vec<String> {
+        self.users
+            .iter()
+            .filter(|(user, hash)| new.and_then(|n| n.users.get(*user)) != Some(*hash))
+            .map(|(user, _)| user.clone())
+            .collect()
+    }
+
+    /// Users whose hash is weak: mosquitto 1.x's single salted SHA-512, or
+    /// fewer than [`WEAK_ROUNDS`] PBKDF2 rounds.
     pub fn weak_users(&self) -> &[String] {
         &self.weak
     }
@@ -149,7 +173,7 @@ impl PasswordFile {
             }
             None => {
                 let mut sink = [0u8; HASH_LEN];
-                if let Some(rounds) = NonZeroU32::new(ITERATIONS) {
+                if let Some(rounds) = NonZeroU32::new(self.dummy_rounds.max(1)) {
                     pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA512, rounds, &[0; SALT_LEN], password, &mut sink);
                 }
                 false

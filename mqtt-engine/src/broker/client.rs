@@ -205,6 +205,7 @@ impl Client {
         }
         // Marked seen, so the wait below ends only on a later commit.
         let committed = extra.committed.as_mut().map_or(u64::MAX, |c| *c.borrow_and_update());
+        let before = self.outbox.pending();
         while let Some((seq, _)) = extra.held_acks.front() {
             if *seq > committed {
                 break;
@@ -213,6 +214,8 @@ impl Client {
                 self.outbox.queue(&ack, self.version);
             }
         }
+        let stats = &self.broker.shared.stats;
+        BrokerStats::add(&stats.bytes_sent, (self.outbox.pending() - before) as u64);
     }
 
     /// Ready when the buffer committed more while acknowledgements wait for it.
@@ -445,9 +448,15 @@ impl Client {
         for (raw, options) in &subscribe.filters {
             let Ok(parsed) = parse_filter(raw) else {
                 if !self.v5() {
-                    // 3.1.1 has no code for it: a filter breaking 4.7.1 is a
-                    // protocol violation, which closes (MQTT-4.8.0-1).
-                    return self.violation(ReasonCode::PROTOCOL_ERROR, "invalid topic filter");
+                    // 3.1.1 has no code for it: a filter breaking 4.7 is a
+                    // protocol violation, which closes (MQTT-4.8.0-1). A
+                    // valid one that is a bad shared subscription (a 5.0
+                    // notion) only fails.
+                    if TopicFilter::new(raw.as_str()).is_err() {
+                        return self.violation(ReasonCode::PROTOCOL_ERROR, "invalid topic filter");
+                    }
+                    codes.push(ReasonCode::UNSPECIFIED_ERROR);
+                    continue;
                 }
                 // MQTT 5: 0x8F per filter (mosquitto 2.0.11 gets this wrong).
                 codes.push(ReasonCode::TOPIC_FILTER_INVALID);
@@ -457,7 +466,8 @@ impl Client {
                 // MQTT-3.8.3-4.
                 return self.violation(ReasonCode::PROTOCOL_ERROR, "no local on a shared subscription");
             }
-            if !access.may_subscribe(self.user(), self.client_id(), parsed.filter) {
+            // The ACL strips `$share/group/` itself: given the raw filter.
+            if !access.may_subscribe(self.user(), self.client_id(), raw) {
                 tracing::info!(client = %self.client_id(), user = self.user().unwrap_or(""), filter = %raw, "subscription denied by the ACL");
                 codes.push(if self.v5() {
                     ReasonCode::NOT_AUTHORIZED
@@ -493,7 +503,9 @@ impl Client {
         }));
         for delivery in retained {
             let limits = self.broker.settings().queue_limits();
-            self.claim.mailbox.push(self.client_id(), delivery, limits);
+            if !self.claim.mailbox.push(self.client_id(), delivery, limits) {
+                self.broker.router().count_drop();
+            }
         }
         None
     }

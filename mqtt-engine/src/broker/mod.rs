@@ -182,10 +182,23 @@ impl Broker {
 
     /// Replaces the access rules (a reload): connected clients keep their
     /// session and meet the new rules at their next packet.
+    /// Users whose password the new file removes or changes are
+    /// disconnected (DISCONNECT 0x87 in MQTT 5); their sessions stay.
     pub fn set_access(&self, access: Access) {
         let restricted = access.acl().is_some();
+        let revoked =
+            self.access().passwords().map(|old| old.revoked_by(access.passwords())).unwrap_or_default();
         *self.shared.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
         self.shared.restricted.store(restricted, Ordering::Release);
+        if revoked.is_empty() {
+            return;
+        }
+        let router = self.router();
+        for entry in router.sessions.values().filter(|e| e.held) {
+            if entry.owner.as_deref().is_some_and(|owner| revoked.iter().any(|r| r == owner)) {
+                entry.mailbox.revoke();
+            }
+        }
     }
 
     /// The access rules when an ACL restricts clients; `None` when every
@@ -255,9 +268,11 @@ impl Broker {
     /// Routes an envelope to local subscribers only: for what an upstream
     /// sent down, which must not be forwarded back up.
     pub fn route_from_upstream(&self, envelope: Envelope) -> usize {
+        // `$SYS` is not saved: publishing it must not make a snapshot due.
+        let worth_saving = !envelope.topic.as_str().starts_with("$SYS/");
         let retain = envelope.retain;
         let delivered = self.router().route(Arc::new(envelope));
-        if retain || delivered > 0 {
+        if worth_saving && (retain || delivered > 0) {
             self.touch();
         }
         delivered
@@ -318,12 +333,31 @@ impl Broker {
         (router.sessions.len(), online, retained, subscriptions)
     }
 
-    /// Claims the session of `client`, kicking a connection that holds it.
-    pub async fn claim(&self, client: Arc<str>, clean_start: bool, session_expiry: u32) -> Claim {
-        let (state, mailbox, existed, generation) = {
+    /// Claims the session of `client` for `user`, kicking a connection that
+    /// holds it. A session another user holds is refused (`None`): no
+    /// client takes over, or reads, a session that is not its user's. One
+    /// another user left is not resumed but started afresh.
+    pub async fn claim(
+        &self,
+        client: Arc<str>,
+        clean_start: bool,
+        session_expiry: u32,
+        user: Option<Arc<str>>,
+    ) -> Option<Claim> {
+        let (state, mailbox, existed, generation, other_users) = {
             let mut router = self.router();
             let generation = router.next_generation();
             let entry = router.sessions.entry(client.clone()).or_insert_with(SessionEntry::new);
+            let other_users = entry.generation != 0 && !entry.owner_unknown && entry.owner != user;
+            if other_users && entry.held {
+                tracing::warn!(client = %client, user = user.as_deref().unwrap_or(""), owner = entry.owner.as_deref().unwrap_or(""), "client id in use by another user's connection: refused");
+                return None;
+            }
+            if other_users {
+                tracing::warn!(client = %client, user = user.as_deref().unwrap_or(""), owner = entry.owner.as_deref().unwrap_or(""), "another user's session under this client id is discarded, not resumed");
+            }
+            entry.owner = user;
+            entry.owner_unknown = false;
             // A session held by a connection whose session ends with it (a
             // clean session) is not resumed by a takeover: it was never
             // going to outlive that connection.
@@ -340,11 +374,11 @@ impl Broker {
             entry.offline_since = None;
             // Back before its will's delay: the will is not sent.
             entry.pending_will = None;
-            (entry.state.clone(), entry.mailbox.clone(), existed, generation)
+            (entry.state.clone(), entry.mailbox.clone(), existed, generation, other_users)
         };
         // Waits for a connection that was kicked to let go of the state.
         let mut state = state.lock_owned().await;
-        let fresh = clean_start || !existed;
+        let fresh = clean_start || !existed || other_users;
         let session_present = !fresh;
         if fresh {
             // MQTT-3.1.2-4: a clean start discards the previous session.
@@ -355,7 +389,7 @@ impl Broker {
         }
         mailbox.set_online(true);
         self.touch();
-        Claim { client, state, mailbox, session_present, generation }
+        Some(Claim { client, state, mailbox, session_present, generation })
     }
 
     /// Starts the keep alive of a claim's connection: it must send a

@@ -29,7 +29,10 @@ use crate::packet::wire::Reader;
 use crate::packet::{DecodeError, Properties, SubscriptionOptions};
 use crate::{QoS, TopicName};
 
-const MAGIC: &[u8; 5] = b"FMQB\x01";
+const MAGIC: &[u8; 5] = b"FMQB\x02";
+/// Version 1 did not record a session's owner: its sessions are restored
+/// with an unknown owner, which their first client becomes.
+const MAGIC_V1: &[u8; 5] = b"FMQB\x01";
 const NONE: u32 = u32::MAX;
 
 fn put_str(buf: &mut BytesMut, s: &str) {
@@ -134,6 +137,13 @@ impl Broker {
         buf.put_u32(sessions.len() as u32);
         for (client, entry) in sessions {
             put_str(&mut buf, client);
+            match &entry.owner {
+                Some(user) => {
+                    buf.put_u8(1);
+                    put_str(&mut buf, user);
+                }
+                None => buf.put_u8(0),
+            }
             let left = match entry.offline_since {
                 Some(since) if entry.expiry != u32::MAX => {
                     let gone = since.elapsed().map_or(0, |d| d.as_secs());
@@ -189,7 +199,8 @@ impl Broker {
     /// Restores a snapshot into an empty broker; returns how many retained
     /// messages and sessions it held.
     pub fn restore(&self, bytes: Bytes) -> Result<(usize, usize), DecodeError> {
-        if !bytes.starts_with(MAGIC) {
+        let v1 = bytes.starts_with(MAGIC_V1);
+        if !bytes.starts_with(MAGIC) && !v1 {
             return Err(bad("not a fieldmq broker snapshot (or another version)"));
         }
         let mut r = Reader::new(bytes.slice(MAGIC.len()..));
@@ -202,6 +213,13 @@ impl Broker {
         let mut restored = Vec::new();
         for _ in 0..sessions {
             let client: Arc<str> = Arc::from(get_str(&mut r)?.as_str());
+            let (owner, owner_unknown) = match v1 {
+                true => (None, true),
+                false => match r.u8("owner")? {
+                    0 => (None, false),
+                    _ => (Some(Arc::from(get_str(&mut r)?.as_str())), false),
+                },
+            };
             let expiry = r.u32("expiry")?;
             let saved_at = r.u64("saved at")?;
             let mut state = SessionState::default();
@@ -243,6 +261,7 @@ impl Broker {
                 continue;
             }
             entry.expiry = left;
+            (entry.owner, entry.owner_unknown) = (owner, owner_unknown);
             entry.offline_since = Some(SystemTime::now());
             entry.generation = router.next_generation();
             entry.state = Arc::new(tokio::sync::Mutex::new(state));
@@ -282,7 +301,8 @@ mod tests {
         broker.publish(Message::new(TopicName::new("r/1").unwrap(), "kept").retained());
         // A persistent session with a subscription, released, then a QoS 1
         // message queued for it while it is away.
-        let mut claim = broker.claim(Arc::from("away"), false, 3600).await;
+        let ops = Some(Arc::from("ops"));
+        let mut claim = broker.claim(Arc::from("away"), false, 3600, ops.clone()).await.unwrap();
         let options = SubscriptionOptions { qos: QoS::AtLeastOnce, ..SubscriptionOptions::default() };
         broker.router().subscribe(&claim.client, "q/#", options, Some(4));
         claim.state.subscriptions.insert("q/#".into(), (options, Some(4)));
@@ -294,8 +314,8 @@ mod tests {
         assert_eq!(restored.restore(broker.snapshot()).unwrap(), (1, 1));
         let retained = restored.retained(&TopicName::new("r/1").unwrap()).unwrap();
         assert_eq!(retained.payload, "kept");
-        let claim = restored.claim(Arc::from("away"), false, 3600).await;
-        assert!(claim.session_present);
+        let claim = restored.claim(Arc::from("away"), false, 3600, ops).await.unwrap();
+        assert!(claim.session_present, "its owner resumes it after a restart");
         assert!(claim.state.incoming_qos2.contains(&77));
         let queued = claim.mailbox.pop().unwrap();
         assert_eq!(
@@ -308,16 +328,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn another_users_session_is_neither_taken_over_nor_resumed() {
+        let broker = Broker::default();
+        let (ops, eve) = (Some(Arc::from("ops")), Some(Arc::from("eve")));
+        let mut held = broker.claim(Arc::from("dash"), false, 3600, ops.clone()).await.unwrap();
+        held.state.incoming_qos2.insert(9);
+        // Held by ops's connection: eve (or an anonymous client) may not kick it.
+        assert!(broker.claim(Arc::from("dash"), false, 3600, eve.clone()).await.is_none());
+        assert!(broker.claim(Arc::from("dash"), false, 3600, None).await.is_none());
+        assert!(!held.taken_over());
+        broker.release(held, super::super::Ending { will: None, session_expiry: 3600 });
+        // Left by ops: eve gets a fresh session, not ops's state.
+        let fresh = broker.claim(Arc::from("dash"), false, 3600, eve).await.unwrap();
+        assert!(!fresh.session_present && fresh.state.incoming_qos2.is_empty());
+    }
+
+    #[tokio::test]
     async fn a_connected_clean_session_is_not_saved_and_a_takeover_of_it_starts_fresh() {
         let broker = Broker::default();
-        let clean = broker.claim(Arc::from("clean"), true, 0).await;
+        let clean = broker.claim(Arc::from("clean"), true, 0, None).await.unwrap();
         broker.router().subscribe(&clean.client, "t/#", SubscriptionOptions::default(), None);
         // Saved while connected: a session ending with its connection is not kept.
         assert_eq!(Broker::default().restore(broker.snapshot()).unwrap(), (0, 0));
         // A half-open clean connection taken over by a client asking to
         // resume: there is no session to resume (review finding).
         let takeover = broker.clone();
-        let new = tokio::spawn(async move { takeover.claim(Arc::from("clean"), false, 3600).await });
+        let new =
+            tokio::spawn(async move { takeover.claim(Arc::from("clean"), false, 3600, None).await.unwrap() });
         broker.release(clean, super::super::Ending { will: None, session_expiry: 0 });
         let new = new.await.unwrap();
         assert!(!new.session_present);

@@ -42,6 +42,13 @@ pub struct SessionEntry {
     /// A will waiting for its delay; published by the will timer or, if the
     /// session ends first, by its expiry (MQTT-3.1.3-9).
     pub pending_will: Option<Box<crate::packet::Will>>,
+    /// The user whose session it is (`None`: anonymous). Another user may
+    /// not resume it: its queued and in-flight messages were checked
+    /// against this user's rights.
+    pub owner: Option<Arc<str>>,
+    /// Restored from a snapshot that did not record the owner: the first
+    /// client to claim it becomes the owner.
+    pub owner_unknown: bool,
 }
 
 impl SessionEntry {
@@ -57,6 +64,8 @@ impl SessionEntry {
             expiry: 0,
             offline_since: None,
             pending_will: None,
+            owner: None,
+            owner_unknown: false,
         }
     }
 }
@@ -125,6 +134,11 @@ impl Router {
     /// An empty router whose clients' mailboxes hold what `limits` allow.
     pub fn with_limits(limits: QueueLimits) -> Self {
         Router { limits, ..Router::new() }
+    }
+
+    /// Counts a delivery dropped at a full queue outside routing.
+    pub fn count_drop(&self) {
+        self.dropped.set(self.dropped.get() + 1);
     }
 
     /// Deliveries dropped so far because a client's queue was full.

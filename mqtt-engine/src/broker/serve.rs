@@ -52,6 +52,10 @@ pub struct Origin {
     /// The CN of the client certificate TLS verified, if any: the client
     /// is that user without a password.
     pub certificate_user: Option<Arc<str>>,
+    /// When the connection must have logged in by, when a TLS or
+    /// WebSocket handshake already used part of `connect_timeout`;
+    /// otherwise `connect_timeout` from the start of the handshake.
+    pub deadline: Option<tokio::time::Instant>,
 }
 
 /// The task of one connection: see [`serve_client`].
@@ -109,7 +113,8 @@ where
     let mut inbox = Inbox::new();
     let settings = broker.settings();
     let read = poll_fn(|cx| inbox.poll_packet(Pin::new(&mut stream), cx, settings.max_packet_size, None));
-    let first = timeout(settings.connect_timeout, read).await;
+    let deadline = origin.deadline.unwrap_or_else(|| tokio::time::Instant::now() + settings.connect_timeout);
+    let first = tokio::time::timeout_at(deadline, read).await;
     let mut connect = match first {
         Err(_) => {
             tracing::info!(%peer, "no CONNECT within {}s; closing", settings.connect_timeout.as_secs());
@@ -159,16 +164,22 @@ where
         assigned = Some(id);
     }
     let access = broker.access();
-    let user = match login(
+    let checked = login(
         access.clone(),
         &broker.shared.guard,
         origin.ip,
         origin.certificate_user.clone(),
         connect.username.as_deref(),
         connect.password.as_deref(),
-    )
-    .await
-    {
+    );
+    // Waiting for a password check counts against the connect timeout too.
+    let Ok(checked) = tokio::time::timeout_at(deadline, checked).await else {
+        let why = "the password check waited past connect_timeout (logins queued)";
+        let mut outbox = refuse(ReasonCode::SERVER_BUSY, 0x03, &connect.client_id, why);
+        close(&mut stream, &mut outbox).await;
+        return None;
+    };
+    let user = match checked {
         Ok(user) => user,
         Err(refusal) => {
             // The same answer for an unknown user and a wrong password.
@@ -208,8 +219,14 @@ where
     }
     drop(access);
     let terms = terms(&broker, &mut connect);
-    let claim =
-        broker.claim(connect.client_id.as_str().into(), connect.clean_start, terms.session_expiry).await;
+    let client_id: Arc<str> = connect.client_id.as_str().into();
+    let Some(claim) = broker.claim(client_id, connect.clean_start, terms.session_expiry, user.clone()).await
+    else {
+        let why = "the client id's session belongs to another user's connection";
+        let mut outbox = refuse(ReasonCode::NOT_AUTHORIZED, 0x05, &connect.client_id, why);
+        close(&mut stream, &mut outbox).await;
+        return None;
+    };
     let settings = broker.settings();
     let properties = if v5 {
         Properties {
@@ -245,7 +262,13 @@ fn terms(broker: &Broker, connect: &mut Connect) -> Terms {
     let v5 = connect.protocol == Protocol::V5;
     let settings = broker.settings();
     let p = &connect.properties;
-    let send_quota = if v5 { p.receive_maximum.unwrap_or(u16::MAX) } else { settings.max_inflight };
+    // A 5.0 client's Receive Maximum is its limit, ours is max_inflight:
+    // in-flight messages have left the bounded mailbox, so they need one.
+    let send_quota = if v5 {
+        p.receive_maximum.unwrap_or(u16::MAX).min(settings.max_inflight)
+    } else {
+        settings.max_inflight
+    };
     // 3.1.1: a clean session ends with the connection; otherwise it
     // never expires. 5.0: as the client says (absent = 0).
     let session_expiry = if v5 {
@@ -343,6 +366,10 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
                     }
                     if client.broker.is_shutting_down() {
                         return Poll::Ready(Exit::Shutdown);
+                    }
+                    if client.claim.mailbox.revoked() {
+                        tracing::info!(client = %client.client_id(), user = client.user().unwrap_or(""), "password removed or changed by a reload; disconnected");
+                        return Poll::Ready(Exit::Abnormal(Some(ReasonCode::NOT_AUTHORIZED)));
                     }
                     if client.keep_alive != 0 && client.claim.mailbox.keepalive_expired() {
                         return Poll::Ready(client.keepalive_expired());

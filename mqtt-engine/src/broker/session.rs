@@ -75,6 +75,8 @@ pub struct Mailbox {
     /// Every session has one: 32-bit counters keep it a size class smaller.
     dropped: AtomicU32,
     online: AtomicBool,
+    /// The connection's user lost its password (a reload): it must go.
+    revoked: AtomicBool,
     /// The generation of the latest claim of the session: a connection
     /// with an older one was taken over.
     holder: AtomicU64,
@@ -152,6 +154,7 @@ impl Mailbox {
             inner: Mutex::new(Inner::default()),
             dropped: AtomicU32::new(0),
             online: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
             holder: AtomicU64::new(0),
             keepalive: AtomicU64::new(GONE),
         }
@@ -338,7 +341,20 @@ impl Mailbox {
 
     /// Marks the session online or offline.
     pub fn set_online(&self, online: bool) {
+        // A new connection starts with the credentials it just proved.
+        self.revoked.store(false, Ordering::Release);
         self.online.store(online, Ordering::Release)
+    }
+
+    /// Tells the owning connection its credentials are no longer valid.
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+        self.wake();
+    }
+
+    /// Whether [`revoke`](Self::revoke) was called since the claim.
+    pub fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
     }
 }
 

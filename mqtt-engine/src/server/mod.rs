@@ -137,7 +137,7 @@ pub async fn serve(
             }
             continue;
         };
-        let origin = Origin { peer: peer.to_string(), ip: Some(peer.ip()), certificate_user: None };
+        let origin = Origin { peer: peer.to_string(), ip: Some(peer.ip()), ..Origin::default() };
         match &transport {
             // The common case is spawned bare: its task is what an idle
             // client costs.
@@ -161,6 +161,8 @@ async fn handshake_then_serve(
     permit: OwnedSemaphorePermit,
 ) {
     let limit = broker.settings().connect_timeout;
+    // One budget for every handshake and the CONNECT after them.
+    origin.deadline = Some(tokio::time::Instant::now() + limit);
     let peer = origin.peer.clone();
     let fail = |what: &str, why: String| tracing::info!(%peer, "{what} failed: {why}; closing");
     match transport {
