@@ -880,3 +880,25 @@ def test_a_client_id_does_not_hand_another_users_session_over(broker, clients):
     eve = clients.new(b.port, v5=False, client_id="dash", username="eve", password="eve-pass", clean=False)
     time.sleep(0.5)
     assert eve.received() == [], "eve got what was queued for ops"
+
+
+def test_websocket_listeners_refuse_pages_from_origins_not_listed(broker):
+    # A page from another site, open in an operator's browser on the LAN,
+    # must not reach the broker through it (cross-site WebSocket hijacking):
+    # with ws_origins set, a browser's Origin must be listed; clients that
+    # are not browsers send none.
+    b = broker(transports=("mqtt", "ws"), ws_origins=["https://dashboard.plant.local"])
+
+    def upgrade(origin):
+        with socket.create_connection(("127.0.0.1", b.ports["ws"]), timeout=5) as s:
+            extra = f"Origin: {origin}\r\n" if origin else ""
+            s.sendall((
+                "GET /mqtt HTTP/1.1\r\nHost: gw\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                f"Sec-WebSocket-Protocol: mqtt\r\n{extra}\r\n").encode())
+            return s.recv(4096).split(b"\r\n")[0]
+
+    assert upgrade("https://dashboard.plant.local") == b"HTTP/1.1 101 Switching Protocols"
+    assert upgrade("https://evil.example") == b"HTTP/1.1 403 Forbidden"
+    assert upgrade(None) == b"HTTP/1.1 101 Switching Protocols"
+    b.gw.wait_for(r'Origin "https://evil\.example" is not an allowed origin')

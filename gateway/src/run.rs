@@ -264,6 +264,7 @@ fn broker_settings(config: &Config) -> BrokerSettings {
         max_inflight: b.max_inflight,
         max_queued: b.max_queued as usize,
         max_queued_bytes: b.max_queued_bytes as usize,
+        ws_origins: b.ws_origins.clone(),
         ..BrokerSettings::default()
     }
 }
@@ -292,6 +293,7 @@ fn reload_access(old: &Config, new: &Config, broker: &Broker) -> Result<(), Vec<
         || o.max_queued_bytes != n.max_queued_bytes
         || o.connect_timeout != n.connect_timeout
         || o.sys_interval != n.sys_interval
+        || o.ws_origins != n.ws_origins
     {
         tracing::warn!("SIGHUP: [broker] listeners, TLS files and limits take effect at the next restart");
     }

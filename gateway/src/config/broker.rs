@@ -69,6 +69,8 @@ pub struct BrokerConfig {
     pub max_queued_bytes: u64,
     /// How often `$SYS` is published; zero: never.
     pub sys_interval: Duration,
+    /// Browser origins the WebSocket listeners accept; empty: any.
+    pub ws_origins: Vec<String>,
     /// Allowed but probably not meant; rendered into `Config::warnings`.
     pub warnings: Vec<Diagnostic>,
 }
@@ -264,6 +266,20 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
         }
         d
     });
+    let ws_origins: Vec<String> = b.ws_origins.as_ref().map_or_else(Vec::new, |list| {
+        list.iter()
+            .filter(|o| {
+                let text = o.get_ref();
+                let host = text.strip_prefix("https://").or_else(|| text.strip_prefix("http://"));
+                let ok = host.is_some_and(|host| !host.is_empty() && !host.contains('/'));
+                if !ok {
+                    diags.push(Diagnostic::at(o.span(), format!("`{text}` is not an origin: expected scheme://host[:port], like \"https://dashboard.plant.local\" (no path)")));
+                }
+                ok
+            })
+            .map(|o| o.get_ref().clone())
+            .collect()
+    });
     BrokerConfig {
         listeners,
         tls,
@@ -275,6 +291,7 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
         max_queued,
         max_queued_bytes,
         sys_interval,
+        ws_origins,
         warnings,
     }
 }

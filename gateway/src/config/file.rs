@@ -75,6 +75,7 @@ pub struct BrokerSection {
     pub max_queued: Option<Spanned<u32>>,
     pub max_queued_bytes: Option<Spanned<ByteSize>>,
     pub sys_interval: Option<Spanned<ConfigDuration>>,
+    pub ws_origins: Option<Vec<Spanned<String>>>,
 }
 
 /// An enum written as one of a few strings, whose error lists them all

@@ -62,6 +62,9 @@ pub struct BrokerSettings {
     pub topic_alias_maximum: u16,
     /// How long a new connection may take to send CONNECT.
     pub connect_timeout: Duration,
+    /// Browser origins WebSocket listeners accept (`Origin` header); empty:
+    /// any.
+    pub ws_origins: Vec<String>,
     /// Clients asking for a longer keep alive (or none) get this one
     /// (MQTT 5 Server Keep Alive); 0: accept what the client asks.
     pub max_keep_alive: u16,
@@ -85,6 +88,7 @@ impl Default for BrokerSettings {
             topic_alias_maximum: 64,
             connect_timeout: Duration::from_secs(10),
             max_keep_alive: 0,
+            ws_origins: Vec::new(),
         }
     }
 }

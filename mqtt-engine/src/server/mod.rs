@@ -171,19 +171,21 @@ async fn handshake_then_serve(
             let Some(tls) = tls_accept(&acceptor, stream, limit, &mut origin).await else { return };
             serve_client(tls, broker, origin, permit).await;
         }
-        Transport::WebSocket => match timeout(limit, crate::websocket::accept(stream)).await {
-            Ok(Ok(mut ws)) => {
-                ws.set_max_frame(broker.settings().max_packet_size + 16);
-                serve_client(ws, broker, origin, permit).await
+        Transport::WebSocket => {
+            match timeout(limit, crate::websocket::accept_from(stream, &broker.settings().ws_origins)).await {
+                Ok(Ok(mut ws)) => {
+                    ws.set_max_frame(broker.settings().max_packet_size + 16);
+                    serve_client(ws, broker, origin, permit).await
+                }
+                Ok(Err(e)) => fail("WebSocket handshake", e.to_string()),
+                Err(_) => fail("WebSocket handshake", "timed out".into()),
             }
-            Ok(Err(e)) => fail("WebSocket handshake", e.to_string()),
-            Err(_) => fail("WebSocket handshake", "timed out".into()),
-        },
+        }
         Transport::WebSocketTls(acceptor) => {
             let started = tokio::time::Instant::now();
             let Some(tls) = tls_accept(&acceptor, stream, limit, &mut origin).await else { return };
             let left = limit.saturating_sub(started.elapsed());
-            match timeout(left, crate::websocket::accept(tls)).await {
+            match timeout(left, crate::websocket::accept_from(tls, &broker.settings().ws_origins)).await {
                 Ok(Ok(mut ws)) => {
                     ws.set_max_frame(broker.settings().max_packet_size + 16);
                     serve_client(ws, broker, origin, permit).await

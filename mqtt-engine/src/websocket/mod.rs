@@ -51,6 +51,7 @@ const CLOSE_UNSUPPORTED_DATA: u16 = 1003;
 const CLOSE_TOO_BIG: u16 = 1009;
 
 const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+const FORBIDDEN: &[u8] = b"HTTP/1.1 403 Forbidden\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
 const UPGRADE_REQUIRED: &[u8] = b"HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\n\
 Connection: close\r\nContent-Length: 0\r\n\r\n";
 
@@ -78,6 +79,9 @@ pub enum WsError {
     /// The request line and headers take more than 8 KiB.
     #[error("HTTP request headers over 8 KiB")]
     HeadersTooLarge,
+    /// A browser page from a site not in the allowed origins (answered 403).
+    #[error("Origin {0:?} is not an allowed origin (ws_origins)")]
+    OriginNotAllowed(String),
 }
 
 /// The subprotocol agreed on; a byte rather than a `&str` in every connection.
@@ -95,7 +99,19 @@ enum Subprotocol {
 /// `426 Upgrade Required` for a version other than 13) and the error says
 /// why. Any path is accepted. Bytes the client sent after the request are
 /// kept for the first reads.
-pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Result<WebSocket<S>, WsError> {
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> Result<WebSocket<S>, WsError> {
+    accept_from(stream, &[]).await
+}
+
+/// [`accept`], refusing (403) a request whose `Origin` header is not one of
+/// `origins`, when that list is not empty. Browsers send `Origin` with
+/// every WebSocket request, so a page from another site cannot use a
+/// LAN user's browser to reach the broker; other clients (paho, Node-RED)
+/// send none and are not concerned.
+pub async fn accept_from<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    origins: &[String],
+) -> Result<WebSocket<S>, WsError> {
     let mut head = Vec::new();
     let end = loop {
         let mut chunk = [0u8; 1024];
@@ -115,12 +131,15 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Result<
             break usize::MAX;
         }
     };
-    let answer = if end > MAX_HEAD { Err(WsError::HeadersTooLarge) } else { upgrade(&head[..end]) };
+    let answer = if end > MAX_HEAD { Err(WsError::HeadersTooLarge) } else { upgrade(&head[..end], origins) };
     let (response, subprotocol) = match answer {
         Ok(answer) => answer,
         Err(e) => {
-            let refusal =
-                if matches!(e, WsError::UnsupportedVersion(_)) { UPGRADE_REQUIRED } else { BAD_REQUEST };
+            let refusal = match e {
+                WsError::UnsupportedVersion(_) => UPGRADE_REQUIRED,
+                WsError::OriginNotAllowed(_) => FORBIDDEN,
+                _ => BAD_REQUEST,
+            };
             // Best effort: the request is refused whether or not this gets out.
             if stream.write_all(refusal).await.is_ok() {
                 let _ = stream.flush().await;
@@ -140,7 +159,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Result<
 
 /// Checks the request (the bytes up to its blank line) and makes the
 /// `101 Switching Protocols` answer.
-fn upgrade(head: &[u8]) -> Result<(String, Subprotocol), WsError> {
+fn upgrade(head: &[u8], origins: &[String]) -> Result<(String, Subprotocol), WsError> {
     let mut lines = head.split(|&b| b == b'\n').map(|line| line.strip_suffix(b"\r").unwrap_or(line));
     let request_line: Vec<&[u8]> = lines.next().unwrap_or_default().split(|&b| b == b' ').collect();
     if !matches!(request_line[..], [b"GET", path, b"HTTP/1.1"] if !path.is_empty()) {
@@ -148,6 +167,7 @@ fn upgrade(head: &[u8]) -> Result<(String, Subprotocol), WsError> {
     }
     let (mut upgrade, mut connection, mut version, mut key) = (false, false, None, None);
     let (mut offered, mut mqtt, mut mqtt31) = (false, false, false);
+    let mut origin = None;
     for line in lines.filter(|line| !line.is_empty()) {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
             return Err(WsError::BadRequest("a header line without a colon"));
@@ -165,6 +185,8 @@ fn upgrade(head: &[u8]) -> Result<(String, Subprotocol), WsError> {
             if key.replace(value).is_some() {
                 return Err(WsError::BadKey);
             }
+        } else if name.eq_ignore_ascii_case(b"origin") {
+            origin = Some(value);
         } else if name.eq_ignore_ascii_case(b"sec-websocket-protocol") {
             for token in tokens(value) {
                 offered = true;
@@ -183,6 +205,13 @@ fn upgrade(head: &[u8]) -> Result<(String, Subprotocol), WsError> {
         return Err(WsError::UnsupportedVersion(shown.chars().take(16).collect()));
     }
     let key = key.filter(|key| is_key(key)).ok_or(WsError::BadKey)?;
+    if let Some(origin) = origin.filter(|_| !origins.is_empty()) {
+        // Origins are ASCII serialisations (scheme://host[:port]).
+        if !origins.iter().any(|allowed| allowed.as_bytes().eq_ignore_ascii_case(origin)) {
+            let shown = String::from_utf8_lossy(origin);
+            return Err(WsError::OriginNotAllowed(shown.chars().take(100).collect()));
+        }
+    }
     let subprotocol = match (mqtt, mqtt31, offered) {
         (true, _, _) => Subprotocol::Mqtt,
         (false, true, _) => Subprotocol::Mqtt31,

@@ -159,6 +159,31 @@ async fn handshake_refuses_a_wrong_version() {
 }
 
 #[tokio::test]
+async fn only_allowed_browser_origins_are_upgraded_when_a_list_is_set() {
+    let allowed = ["https://dashboard.plant.local".to_owned()];
+    for (origin, upgraded) in [
+        ("Origin: https://dashboard.plant.local\r\n", true),
+        ("Origin: HTTPS://Dashboard.Plant.Local\r\n", true),
+        ("Origin: https://evil.example\r\n", false),
+        ("Origin: null\r\n", false),
+        ("", true), // not a browser: no Origin header
+    ] {
+        let (mut client, server) = duplex(1 << 20);
+        client.write_all(request(origin).as_bytes()).await.unwrap();
+        let result = accept_from(server, &allowed).await;
+        let response = read_response(&mut client).await;
+        assert_eq!(result.is_ok(), upgraded, "{origin:?}: {response}");
+        if !upgraded {
+            assert!(response.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{response}");
+            assert!(matches!(result, Err(WsError::OriginNotAllowed(_))));
+        }
+    }
+    // Without a list, any origin is upgraded.
+    let (ws, _, _) = handshake(request("Origin: https://evil.example\r\n").as_bytes()).await;
+    assert!(ws.is_ok());
+}
+
+#[tokio::test]
 async fn handshake_refuses_a_plain_get() {
     let (ws, _, response) = handshake(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\n").await;
     assert!(response.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{response}");
