@@ -10,6 +10,8 @@
 //! - `session.rs`: per-client mailbox and session state.
 //! - `client.rs`: one network client's protocol.
 //! - `serve.rs`: the task of one connection, from CONNECT to close.
+//! - `claims.rs`: a session's life: claim, release, will, expiry.
+//! - `stats.rs`: the `$SYS` counters and topics.
 //!
 //! Session life cycle: a connection *claims* its client id's session
 //! (kicking a connection that holds it, MQTT-3.1.4-3), owns it while
@@ -18,6 +20,7 @@
 //! session), collecting QoS 1/2 messages in its bounded mailbox; its will
 //! is published after the will delay unless the client comes back first.
 
+mod claims;
 mod client;
 mod keepalive;
 mod persist;
@@ -35,7 +38,7 @@ use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
 use keepalive::KeepAlives;
-use router::{Router, SessionEntry};
+use router::Router;
 pub use serve::{serve_client, Origin};
 pub use session::{Delivery, Envelope, Mailbox, QueueLimits, SessionState};
 pub use stats::{publish_sys, sys_values};
@@ -335,207 +338,6 @@ impl Broker {
         let online = router.sessions.values().filter(|e| e.mailbox.is_online()).count();
         let (retained, subscriptions) = router.counts();
         (router.sessions.len(), online, retained, subscriptions)
-    }
-
-    /// Claims the session of `client` for `user`, kicking a connection that
-    /// holds it. A session another user holds is refused (`None`): no
-    /// client takes over, or reads, a session that is not its user's. One
-    /// another user left is not resumed but started afresh.
-    pub async fn claim(
-        &self,
-        client: Arc<str>,
-        clean_start: bool,
-        session_expiry: u32,
-        user: Option<Arc<str>>,
-    ) -> Option<Claim> {
-        let (state, mailbox, existed, generation, other_users) = {
-            let mut router = self.router();
-            let generation = router.next_generation();
-            let entry = router.sessions.entry(client.clone()).or_insert_with(SessionEntry::new);
-            let other_users = entry.generation != 0 && !entry.owner_unknown && entry.owner != user;
-            if other_users && entry.held {
-                tracing::warn!(client = %client, user = user.as_deref().unwrap_or(""), owner = entry.owner.as_deref().unwrap_or(""), "client id in use by another user's connection: refused");
-                return None;
-            }
-            if other_users {
-                tracing::warn!(client = %client, user = user.as_deref().unwrap_or(""), owner = entry.owner.as_deref().unwrap_or(""), "another user's session under this client id is discarded, not resumed");
-            }
-            entry.owner = user;
-            entry.owner_unknown = false;
-            // A session held by a connection whose session ends with it (a
-            // clean session) is not resumed by a takeover: it was never
-            // going to outlive that connection.
-            let ends_with_holder = entry.held && entry.expiry == 0;
-            let existed = entry.generation != 0 && !ends_with_holder;
-            // Tells the connection holding the session, if any, to go.
-            entry.mailbox.take_over(generation);
-            entry.held = true;
-            entry.generation = generation;
-            entry.taken_over_clean = clean_start || ends_with_holder;
-            // Known from the start, so a snapshot taken while the client is
-            // connected keeps only sessions meant to outlive the connection.
-            entry.expiry = session_expiry;
-            entry.offline_since = None;
-            // Back before its will's delay: the will is not sent.
-            entry.pending_will = None;
-            (entry.state.clone(), entry.mailbox.clone(), existed, generation, other_users)
-        };
-        // Waits for a connection that was kicked to let go of the state.
-        let mut state = state.lock_owned().await;
-        let fresh = clean_start || !existed || other_users;
-        let session_present = !fresh;
-        if fresh {
-            // MQTT-3.1.2-4: a clean start discards the previous session.
-            let mut router = self.router();
-            router.remove_subscriptions(&client, &state);
-            *state = SessionState::default();
-            mailbox.clear();
-        }
-        mailbox.set_online(true);
-        self.touch();
-        Some(Claim { client, state, mailbox, session_present, generation })
-    }
-
-    /// Starts the keep alive of a claim's connection: it must send a
-    /// packet within `grace` (1.5 x its keep alive), and then again.
-    pub(crate) fn watch_keepalive(&self, claim: &Claim, grace: Duration) {
-        let keepalives = &self.shared.keepalives;
-        claim.mailbox.start_keepalive(keepalives.deadline(grace));
-        keepalives.watch(claim.mailbox.clone(), claim.generation, &self.shared.shutdown);
-    }
-
-    /// Moves a claim's keep-alive deadline to `grace` from now, at a
-    /// packet; false when it had expired already.
-    pub(crate) fn keep_alive(&self, claim: &Claim, grace: Duration) -> bool {
-        claim.mailbox.set_keepalive_deadline(self.shared.keepalives.deadline(grace))
-    }
-
-    /// Releases a session when its connection ends.
-    pub fn release(&self, claim: Claim, ending: Ending) {
-        let Claim { client, state, mailbox, generation, .. } = claim;
-        // While the state is still locked: a connection taking over cannot
-        // have registered its own waker and deadline yet.
-        mailbox.disconnected();
-        self.touch();
-        let mut router = self.router();
-        let still_ours = router.sessions.get(&client).is_some_and(|e| e.generation == generation);
-        if !still_ours {
-            // Taken over: the new connection owns the session now. Our will
-            // goes now unless the session goes on and the will may wait.
-            let clean = router.sessions.get(&client).is_some_and(|e| e.taken_over_clean);
-            drop(router);
-            if let Some(will) = ending.will {
-                if clean || will.properties.will_delay_interval.unwrap_or(0) == 0 {
-                    self.publish_will(&client, *will);
-                }
-            }
-            return;
-        }
-        mailbox.set_online(false);
-        // QoS 0 routed while the client was still here, and not sent, is
-        // not kept for its return (MQTT 4.4: only QoS 1/2 are queued).
-        mailbox.drop_qos0();
-        if let Some(entry) = router.sessions.get_mut(&client) {
-            entry.held = false;
-            entry.expiry = ending.session_expiry;
-            entry.offline_since = Some(std::time::SystemTime::now());
-        }
-        if ending.session_expiry == 0 {
-            router.remove_subscriptions(&client, &state);
-            router.sessions.remove(&client);
-            drop(router);
-            drop(state);
-            if let Some(will) = ending.will {
-                self.publish_will(&client, *will);
-            }
-            return;
-        }
-        drop(router);
-        drop(state);
-        let expiry = (ending.session_expiry != u32::MAX)
-            .then(|| Duration::from_secs(u64::from(ending.session_expiry)));
-        let will_delay = ending
-            .will
-            .as_ref()
-            .map(|w| Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))));
-        if let (Some(will), Some(delay)) = (ending.will, will_delay) {
-            // MQTT-3.1.3-9: the will goes when its delay passes or the
-            // session ends, whichever is first, unless the client is back.
-            if delay.is_zero() || expiry.is_some_and(|e| e.is_zero()) {
-                self.publish_will(&client, *will);
-            } else {
-                if let Some(entry) = self.router().sessions.get_mut(&client) {
-                    entry.pending_will = Some(will);
-                }
-                let broker = self.clone();
-                let client = client.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    broker.publish_pending_will(&client, generation);
-                });
-            }
-        }
-        if let Some(expiry) = expiry {
-            let broker = self.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(expiry).await;
-                broker.expire(&client, generation);
-            });
-        }
-    }
-
-    /// Publishes the will a session left, if it is still pending.
-    fn publish_pending_will(&self, client: &str, generation: u64) {
-        let will = {
-            let mut router = self.router();
-            router
-                .sessions
-                .get_mut(client)
-                .filter(|e| e.generation == generation)
-                .and_then(|e| e.pending_will.take())
-        };
-        if let Some(will) = will {
-            self.publish_will(client, *will);
-        }
-    }
-
-    /// Ends a session whose expiry interval passed while it was away.
-    fn expire(&self, client: &str, generation: u64) {
-        let mut router = self.router();
-        let Some(entry) = router.sessions.get(client) else { return };
-        if entry.generation != generation {
-            return;
-        }
-        // Nobody holds an offline session's state; if somebody just claimed
-        // it, the generation check above already returned.
-        let Ok(state) = entry.state.clone().try_lock_owned() else { return };
-        router.remove_subscriptions(client, &state);
-        let will = router.sessions.remove(client).and_then(|e| e.pending_will);
-        drop(router);
-        tracing::debug!(client, "session expired");
-        // The session ended before its will's delay: the will goes now.
-        if let Some(will) = will {
-            self.publish_will(client, *will);
-        }
-    }
-
-    fn publish_will(&self, client: &str, will: Will) {
-        let Ok(topic) = TopicName::new(will.topic) else { return };
-        tracing::debug!(client, topic = %topic, "publishing will");
-        let expires_at = will
-            .properties
-            .message_expiry_interval
-            .map(|s| tokio::time::Instant::now() + Duration::from_secs(u64::from(s)));
-        let properties = forwarded(will.properties);
-        self.route(Envelope {
-            topic,
-            payload: will.payload,
-            qos: will.qos,
-            retain: will.retain,
-            properties,
-            expires_at,
-            publisher: Some(Arc::from(client)),
-        });
     }
 }
 

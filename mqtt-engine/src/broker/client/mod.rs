@@ -4,7 +4,9 @@
 //! buffer, within the client's receive maximum. It never waits: the task
 //! around it (`serve.rs`) does the waiting and the I/O. Any protocol error
 //! ends this connection only, with a DISCONNECT carrying the reason in
-//! MQTT 5, and a log line.
+//! MQTT 5, and a log line. `deliver.rs` is its outgoing side.
+
+mod deliver;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -21,7 +23,7 @@ use super::session::{Delivery, Envelope, Outgoing};
 use super::stats::BrokerStats;
 use super::{forwarded, Broker, Claim};
 use crate::buffer::Offer;
-use crate::connection::{encoded_len, ConnectionError, Outbox};
+use crate::connection::{ConnectionError, Outbox};
 use crate::packet::*;
 use crate::{QoS, TopicFilter, TopicName};
 
@@ -175,25 +177,6 @@ impl Client {
             WRITE_LIMIT
         } else {
             self.grace().min(WRITE_LIMIT)
-        }
-    }
-
-    /// Queues what was in flight when the session was last left.
-    pub(super) fn resend_inflight(&mut self) {
-        // MQTT-4.4.0-1: resend what was in flight, PUBLISH with DUP set.
-        let inflight: Vec<(u16, Outgoing)> =
-            self.claim.state.outgoing.iter().map(|(id, o)| (*id, o.clone())).collect();
-        for (id, outgoing) in inflight {
-            match outgoing {
-                Outgoing::Published(delivery) => {
-                    // Too large for the client now: it counts as delivered
-                    // (MQTT-3.1.2-25), not as in flight for ever.
-                    if !self.send_publish(id, &delivery, true) {
-                        self.claim.state.outgoing.remove(&id);
-                    }
-                }
-                Outgoing::Released => self.queue(&Packet::Pubrel(Ack::ok(id))),
-            }
         }
     }
 
@@ -508,93 +491,5 @@ impl Client {
             }
         }
         None
-    }
-
-    /// Moves mail into the connection, within the client's receive maximum.
-    pub(super) fn pump(&mut self) {
-        // Read access is checked at delivery too: the rules may have been
-        // reloaded, and a deny may cover part of a filter.
-        let access = self.broker.acl_access();
-        while let Some(delivery) = self.claim.mailbox.pop() {
-            if delivery.envelope.expired() {
-                continue;
-            }
-            let topic = delivery.envelope.topic.as_str();
-            if access
-                .as_ref()
-                .is_some_and(|a| !a.may_read(self.identity.user.as_deref(), &self.claim.client, topic))
-            {
-                continue;
-            }
-            if delivery.qos == QoS::AtMostOnce {
-                self.send_publish(0, &delivery, false);
-                continue;
-            }
-            if self.claim.state.outgoing.len() >= usize::from(self.send_quota) {
-                self.claim.mailbox.unpop(delivery);
-                break;
-            }
-            let Some(id) = self.claim.state.next_packet_id() else {
-                self.claim.mailbox.unpop(delivery);
-                break;
-            };
-            if self.send_publish(id, &delivery, false) {
-                self.claim.state.outgoing.insert(id, Outgoing::Published(delivery));
-            }
-            if self.outbox.pending() > 64 * 1024 {
-                break;
-            }
-        }
-    }
-
-    /// Queues one PUBLISH; false when it was dropped for being larger than
-    /// the client accepts (MQTT-3.1.2-25: then it counts as delivered).
-    fn send_publish(&mut self, packet_id: u16, delivery: &Delivery, dup: bool) -> bool {
-        let envelope = &delivery.envelope;
-        let mut properties = Properties::default();
-        if self.v5() {
-            properties = envelope.properties.clone();
-            properties.message_expiry_interval = envelope.remaining_expiry();
-            properties.subscription_identifiers = delivery.subscription_ids.clone();
-        }
-        let mut publish = Publish {
-            dup,
-            qos: delivery.qos,
-            retain: delivery.retain,
-            topic: envelope.topic.as_str().to_owned(),
-            packet_id,
-            payload: envelope.payload.clone(),
-            properties,
-        };
-        // Topic aliases towards the client, within its Topic Alias Maximum.
-        // A new alias is recorded only once the packet is sure to go out,
-        // so the client never meets an alias it was not given.
-        let mut new_alias = None;
-        if self.outbound_alias_max > 0 {
-            let max = usize::from(self.outbound_alias_max);
-            let aliases = &self.extra().outbound_aliases;
-            if let Some(alias) = aliases.get(&publish.topic) {
-                publish.properties.topic_alias = Some(*alias);
-                publish.topic.clear();
-            } else if aliases.len() < max {
-                let alias = aliases.len() as u16 + 1;
-                publish.properties.topic_alias = Some(alias);
-                new_alias = Some(alias);
-            }
-        }
-        if self.client_max_packet != u32::MAX {
-            // Measured as it will be sent, alias included.
-            let size = encoded_len(&Packet::Publish(publish.clone()), self.version);
-            if size > self.client_max_packet as usize {
-                tracing::debug!(client = %self.client_id(), size, "message larger than the client's maximum packet size dropped");
-                return false;
-            }
-        }
-        if let Some(alias) = new_alias {
-            self.extra().outbound_aliases.insert(publish.topic.clone(), alias);
-        }
-        self.queue(&Packet::Publish(publish));
-        BrokerStats::add(&self.broker.shared.stats.messages_sent, 1);
-        true
     }
 }
