@@ -102,7 +102,10 @@ impl LoginGuard {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         self.make_room(&mut failures, ip);
         let record = failures.entry(ip).or_insert(Record { count: 0, last: Instant::now(), pending: 0 });
-        if record.penalised() && record.pending > 0 {
+        // Checks under way count as failures to come: a burst of parallel
+        // attempts from a fresh address gets no more than the free ones.
+        let due = record.count.saturating_add(record.pending) >= FREE_FAILURES;
+        if record.pending > 0 && (record.penalised() || due) {
             return None;
         }
         record.pending += 1;
@@ -192,9 +195,10 @@ mod tests {
     fn a_penalised_address_gets_one_check_at_a_time_and_ipv6_counts_by_its_64() {
         let guard = LoginGuard::default();
         let ip: IpAddr = "192.0.2.9".parse().unwrap();
-        let (a, b) = (guard.begin(Some(ip)), guard.begin(Some(ip)));
-        assert!(a.is_some() && b.is_some(), "before any failure, in parallel");
-        drop((a, b));
+        let parallel: Vec<_> = (0..FREE_FAILURES).map(|_| guard.begin(Some(ip))).collect();
+        assert!(parallel.iter().all(Option::is_some), "before any failure, in parallel");
+        assert!(guard.begin(Some(ip)).is_none(), "no more in parallel than the free failures");
+        drop(parallel);
         for _ in 0..FREE_FAILURES {
             guard.failed(Some(ip));
         }

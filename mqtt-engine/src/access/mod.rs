@@ -78,6 +78,9 @@ pub enum Refusal {
     BadCredentials,
     /// No credentials, and anonymous clients are not allowed.
     AnonymousNotAllowed,
+    /// The password could not be checked before the connect deadline
+    /// (logins queued for the hashing slots).
+    Busy,
 }
 
 impl Access {
@@ -169,9 +172,14 @@ impl Access {
 /// Decides a login: `Ok` with the user name the client acts as (`None`:
 /// anonymous). `certificate_user` is the CN of a client certificate the
 /// TLS layer verified; it logs the client in without a password.
+///
+/// Waiting (the penalty, a hashing slot) stops at `deadline`; a hash once
+/// started runs to its end and is counted, so cancelling logins cannot
+/// run more hashes at once than there are slots.
 pub(crate) async fn login(
     access: Arc<Access>,
     guard: &LoginGuard,
+    deadline: tokio::time::Instant,
     ip: Option<std::net::IpAddr>,
     certificate_user: Option<Arc<str>>,
     username: Option<&str>,
@@ -196,11 +204,15 @@ pub(crate) async fn login(
         // Penalised, with a check from there already running: no hashing.
         return Err(Refusal::BadCredentials);
     };
-    guard.wait_turn(ip).await;
     let verified = if passwords.is_empty() {
+        guard.wait_turn(ip).await;
         false
     } else {
-        let _hashing = guard.hashing().await;
+        let slot = tokio::time::timeout_at(deadline, async {
+            guard.wait_turn(ip).await;
+            guard.hashing().await
+        });
+        let Ok(_hashing) = slot.await else { return Err(Refusal::Busy) };
         let (access, user_owned, password_owned) = (access.clone(), user.to_owned(), password.to_vec());
         tokio::task::spawn_blocking(move || {
             access.passwords.as_ref().is_some_and(|p| p.verify(&user_owned, &password_owned))
@@ -229,26 +241,30 @@ mod tests {
         Arc::new(Access::new(allow_anonymous, Some(passwords), Some(acl)))
     }
 
+    fn soon() -> tokio::time::Instant {
+        tokio::time::Instant::now() + std::time::Duration::from_secs(10)
+    }
+
     #[tokio::test]
     async fn logins_are_decided_by_password_certificate_or_anonymity() {
         let guard = LoginGuard::default();
         let ip = Some("192.0.2.1".parse().unwrap());
         let a = access(false);
-        let ok = login(a.clone(), &guard, ip, None, Some("alice"), Some(b"pw")).await;
+        let ok = login(a.clone(), &guard, soon(), ip, None, Some("alice"), Some(b"pw")).await;
         assert_eq!(ok.unwrap().as_deref(), Some("alice"));
         // Remembered: the second time needs no PBKDF2, and still checks.
         assert!(a.verified_before("alice", b"pw"));
         assert!(!a.verified_before("alice", b"pW"));
-        let wrong = login(a.clone(), &guard, ip, None, Some("alice"), Some(b"pW")).await;
+        let wrong = login(a.clone(), &guard, soon(), ip, None, Some("alice"), Some(b"pW")).await;
         assert_eq!(wrong, Err(Refusal::BadCredentials));
-        let unknown = login(a.clone(), &guard, ip, None, Some("mallory"), Some(b"pw")).await;
+        let unknown = login(a.clone(), &guard, soon(), ip, None, Some("mallory"), Some(b"pw")).await;
         assert_eq!(unknown, Err(Refusal::BadCredentials));
-        let anonymous = login(a.clone(), &guard, ip, None, None, None).await;
+        let anonymous = login(a.clone(), &guard, soon(), ip, None, None, None).await;
         assert_eq!(anonymous, Err(Refusal::AnonymousNotAllowed));
-        let certificate = login(a.clone(), &guard, ip, Some("sensor-7".into()), None, None).await;
+        let certificate = login(a.clone(), &guard, soon(), ip, Some("sensor-7".into()), None, None).await;
         assert_eq!(certificate.unwrap().as_deref(), Some("sensor-7"));
         let open = access(true);
-        assert_eq!(login(open, &guard, ip, None, None, None).await, Ok(None));
+        assert_eq!(login(open, &guard, soon(), ip, None, None, None).await, Ok(None));
     }
 
     #[test]

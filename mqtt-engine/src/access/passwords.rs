@@ -69,6 +69,8 @@ pub struct PasswordFile {
 
 /// Fewer PBKDF2 rounds than this is weak (mosquitto_passwd 2.0 writes 101).
 pub const WEAK_ROUNDS: u32 = 10_000;
+/// The most rounds an unknown user is hashed with.
+const MAX_DUMMY_ROUNDS: u32 = 1_000_000;
 
 impl PasswordFile {
     /// Parses the text of a password file; every bad line is reported.
@@ -173,7 +175,10 @@ impl PasswordFile {
             }
             None => {
                 let mut sink = [0u8; HASH_LEN];
-                if let Some(rounds) = NonZeroU32::new(self.dummy_rounds.max(1)) {
+                // Capped, so one absurd count in the file cannot make every
+                // unknown user's login cost minutes.
+                let dummy = self.dummy_rounds.clamp(1, MAX_DUMMY_ROUNDS);
+                if let Some(rounds) = NonZeroU32::new(dummy) {
                     pbkdf2::derive(pbkdf2::PBKDF2_HMAC_SHA512, rounds, &[0; SALT_LEN], password, &mut sink);
                 }
                 false

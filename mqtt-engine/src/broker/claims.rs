@@ -11,32 +11,53 @@ use super::{forwarded, Broker, Claim, Ending, Envelope};
 use crate::packet::Will;
 use crate::TopicName;
 
+/// Why a connection may not have its client id's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimRefused {
+    /// Another user's connection holds it.
+    OtherUser,
+    /// The access rules were reloaded while the client logged in.
+    Reloaded,
+}
+
 impl Broker {
     /// Claims the session of `client` for `user`, kicking a connection that
-    /// holds it. A session another user holds is refused (`None`): no
-    /// client takes over, or reads, a session that is not its user's. One
-    /// another user left is not resumed but started afresh.
+    /// holds it. A session another user holds is refused: no client takes
+    /// over, or reads, a session that is not its user's. One another user
+    /// left is not resumed but ended (its will goes) and started afresh.
+    /// `login_epoch` is [`access_epoch`](Self::access_epoch) before the
+    /// login: if the rules were reloaded since, the login is not trusted.
     pub async fn claim(
         &self,
         client: Arc<str>,
         clean_start: bool,
         session_expiry: u32,
         user: Option<Arc<str>>,
-    ) -> Option<Claim> {
-        let (state, mailbox, existed, generation, other_users) = {
+        login_epoch: u64,
+    ) -> Result<Claim, ClaimRefused> {
+        let (state, mailbox, existed, generation, other_users, ended_will) = {
             let mut router = self.router();
+            if self.access_epoch() != login_epoch {
+                return Err(ClaimRefused::Reloaded);
+            }
             let generation = router.next_generation();
             let entry = router.sessions.entry(client.clone()).or_insert_with(SessionEntry::new);
             let other_users = entry.generation != 0 && !entry.owner_unknown && entry.owner != user;
             if other_users && entry.held {
                 tracing::warn!(client = %client, user = user.as_deref().unwrap_or(""), owner = entry.owner.as_deref().unwrap_or(""), "client id in use by another user's connection: refused");
-                return None;
+                return Err(ClaimRefused::OtherUser);
             }
+            // The other user's session ends here: a will it left goes now
+            // (MQTT-3.1.3-9), rather than being cancelled by a stranger.
+            let mut ended_will = None;
             if other_users {
                 tracing::warn!(client = %client, user = user.as_deref().unwrap_or(""), owner = entry.owner.as_deref().unwrap_or(""), "another user's session under this client id is discarded, not resumed");
+                ended_will = entry.pending_will.take();
             }
             entry.owner = user;
             entry.owner_unknown = false;
+            // The new connection proved its credentials under these rules.
+            entry.mailbox.clear_revoked();
             // A session held by a connection whose session ends with it (a
             // clean session) is not resumed by a takeover: it was never
             // going to outlive that connection.
@@ -53,8 +74,11 @@ impl Broker {
             entry.offline_since = None;
             // Back before its will's delay: the will is not sent.
             entry.pending_will = None;
-            (entry.state.clone(), entry.mailbox.clone(), existed, generation, other_users)
+            (entry.state.clone(), entry.mailbox.clone(), existed, generation, other_users, ended_will)
         };
+        if let Some(will) = ended_will {
+            self.publish_will(&client, *will);
+        }
         // Waits for a connection that was kicked to let go of the state.
         let mut state = state.lock_owned().await;
         let fresh = clean_start || !existed || other_users;
@@ -68,7 +92,7 @@ impl Broker {
         }
         mailbox.set_online(true);
         self.touch();
-        Some(Claim { client, state, mailbox, session_present, generation })
+        Ok(Claim { client, state, mailbox, session_present, generation })
     }
 
     /// Starts the keep alive of a claim's connection: it must send a
@@ -211,5 +235,46 @@ impl Broker {
             expires_at,
             publisher: Some(Arc::from(client)),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::access::{Access, PasswordFile};
+
+    fn line(user: &str, password: &str) -> String {
+        format!("{user}:{}\n", crate::access::passwords::hash_password(password.as_bytes(), 10).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_reload_revokes_removed_users_and_anonymous_clients_no_longer_allowed() {
+        let broker = Broker::default();
+        let (ops, eve) = (line("ops", "a"), line("eve", "b"));
+        let file = PasswordFile::parse(&format!("{ops}{eve}")).unwrap();
+        broker.set_access(Access::new(true, Some(file), None));
+        let epoch = broker.access_epoch();
+        let ops_claim = broker.claim(Arc::from("c1"), true, 0, Some(Arc::from("ops")), epoch).await.unwrap();
+        let eve_claim = broker.claim(Arc::from("c2"), true, 0, Some(Arc::from("eve")), epoch).await.unwrap();
+        let anon = broker.claim(Arc::from("c3"), true, 0, None, epoch).await.unwrap();
+        // eve's password changes, ops's line stays as it was.
+        let changed = PasswordFile::parse(&format!("{ops}{}", line("eve", "c"))).unwrap();
+        broker.set_access(Access::new(true, Some(changed.clone()), None));
+        assert!(eve_claim.mailbox.revoked());
+        assert!(!ops_claim.mailbox.revoked());
+        assert!(!anon.mailbox.revoked(), "anonymous clients are still allowed");
+        broker.set_access(Access::new(false, Some(changed), None));
+        assert!(anon.mailbox.revoked(), "anonymous clients are no longer allowed");
+        assert!(!ops_claim.mailbox.revoked());
+    }
+
+    #[tokio::test]
+    async fn a_login_checked_before_a_reload_cannot_claim_after_it() {
+        let broker = Broker::default();
+        let before = broker.access_epoch();
+        broker.set_access(Access::default());
+        let claim = broker.claim(Arc::from("late"), true, 0, None, before).await;
+        assert!(matches!(claim, Err(ClaimRefused::Reloaded)));
+        assert!(broker.claim(Arc::from("late"), true, 0, None, broker.access_epoch()).await.is_ok());
     }
 }

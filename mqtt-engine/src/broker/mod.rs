@@ -37,6 +37,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, OwnedMutexGuard};
 use tokio_util::sync::CancellationToken;
 
+pub use claims::ClaimRefused;
 use keepalive::KeepAlives;
 use router::Router;
 pub use serve::{serve_client, Origin};
@@ -117,6 +118,8 @@ struct Shared {
     /// Whether `access` has an ACL: without one, publishes and deliveries
     /// skip the lock and the check.
     restricted: std::sync::atomic::AtomicBool,
+    /// Bumped by every change of `access`.
+    access_epoch: AtomicU64,
     /// Failed logins per address.
     guard: LoginGuard,
     /// Counters for `$SYS`.
@@ -171,6 +174,7 @@ impl Broker {
                 keepalives: Arc::new(KeepAlives::new()),
                 access: RwLock::new(Arc::new(Access::default())),
                 restricted: std::sync::atomic::AtomicBool::new(false),
+                access_epoch: AtomicU64::new(0),
                 guard: LoginGuard::default(),
                 stats: stats::BrokerStats::default(),
             }),
@@ -191,21 +195,34 @@ impl Broker {
     /// session and meet the new rules at their next packet.
     /// Users whose password the new file removes or changes are
     /// disconnected (DISCONNECT 0x87 in MQTT 5); their sessions stay.
+    /// Anonymous clients are disconnected likewise when anonymity is no
+    /// longer allowed.
     pub fn set_access(&self, access: Access) {
         let restricted = access.acl().is_some();
-        let revoked =
-            self.access().passwords().map(|old| old.revoked_by(access.passwords())).unwrap_or_default();
-        *self.shared.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
-        self.shared.restricted.store(restricted, Ordering::Release);
-        if revoked.is_empty() {
-            return;
-        }
+        let old = self.access();
+        let revoked = old.passwords().map(|old| old.revoked_by(access.passwords())).unwrap_or_default();
+        let anonymous_revoked = old.allow_anonymous() && !access.allow_anonymous();
+        // Under the router lock, with the epoch: a login checked against
+        // the old rules cannot claim its session unseen by the pass below
+        // (`claim` compares the epoch under the same lock).
         let router = self.router();
+        *self.shared.access.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(access);
+        self.shared.access_epoch.fetch_add(1, Ordering::AcqRel);
+        self.shared.restricted.store(restricted, Ordering::Release);
         for entry in router.sessions.values().filter(|e| e.held) {
-            if entry.owner.as_deref().is_some_and(|owner| revoked.iter().any(|r| r == owner)) {
+            let gone = match entry.owner.as_deref() {
+                Some(owner) => revoked.iter().any(|r| r == owner),
+                None => anonymous_revoked,
+            };
+            if gone {
                 entry.mailbox.revoke();
             }
         }
+    }
+
+    /// Changes with every [`set_access`](Self::set_access).
+    pub(crate) fn access_epoch(&self) -> u64 {
+        self.shared.access_epoch.load(Ordering::Acquire)
     }
 
     /// The access rules when an ACL restricts clients; `None` when every

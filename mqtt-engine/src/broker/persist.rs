@@ -137,12 +137,13 @@ impl Broker {
         buf.put_u32(sessions.len() as u32);
         for (client, entry) in sessions {
             put_str(&mut buf, client);
-            match &entry.owner {
-                Some(user) => {
+            match (&entry.owner, entry.owner_unknown) {
+                (_, true) => buf.put_u8(2),
+                (Some(user), false) => {
                     buf.put_u8(1);
                     put_str(&mut buf, user);
                 }
-                None => buf.put_u8(0),
+                (None, false) => buf.put_u8(0),
             }
             let left = match entry.offline_since {
                 Some(since) if entry.expiry != u32::MAX => {
@@ -217,7 +218,8 @@ impl Broker {
                 true => (None, true),
                 false => match r.u8("owner")? {
                     0 => (None, false),
-                    _ => (Some(Arc::from(get_str(&mut r)?.as_str())), false),
+                    1 => (Some(Arc::from(get_str(&mut r)?.as_str())), false),
+                    _ => (None, true),
                 },
             };
             let expiry = r.u32("expiry")?;
@@ -302,7 +304,7 @@ mod tests {
         // A persistent session with a subscription, released, then a QoS 1
         // message queued for it while it is away.
         let ops = Some(Arc::from("ops"));
-        let mut claim = broker.claim(Arc::from("away"), false, 3600, ops.clone()).await.unwrap();
+        let mut claim = broker.claim(Arc::from("away"), false, 3600, ops.clone(), 0).await.unwrap();
         let options = SubscriptionOptions { qos: QoS::AtLeastOnce, ..SubscriptionOptions::default() };
         broker.router().subscribe(&claim.client, "q/#", options, Some(4));
         claim.state.subscriptions.insert("q/#".into(), (options, Some(4)));
@@ -314,7 +316,7 @@ mod tests {
         assert_eq!(restored.restore(broker.snapshot()).unwrap(), (1, 1));
         let retained = restored.retained(&TopicName::new("r/1").unwrap()).unwrap();
         assert_eq!(retained.payload, "kept");
-        let claim = restored.claim(Arc::from("away"), false, 3600, ops).await.unwrap();
+        let claim = restored.claim(Arc::from("away"), false, 3600, ops, 0).await.unwrap();
         assert!(claim.session_present, "its owner resumes it after a restart");
         assert!(claim.state.incoming_qos2.contains(&77));
         let queued = claim.mailbox.pop().unwrap();
@@ -331,22 +333,22 @@ mod tests {
     async fn another_users_session_is_neither_taken_over_nor_resumed() {
         let broker = Broker::default();
         let (ops, eve) = (Some(Arc::from("ops")), Some(Arc::from("eve")));
-        let mut held = broker.claim(Arc::from("dash"), false, 3600, ops.clone()).await.unwrap();
+        let mut held = broker.claim(Arc::from("dash"), false, 3600, ops.clone(), 0).await.unwrap();
         held.state.incoming_qos2.insert(9);
         // Held by ops's connection: eve (or an anonymous client) may not kick it.
-        assert!(broker.claim(Arc::from("dash"), false, 3600, eve.clone()).await.is_none());
-        assert!(broker.claim(Arc::from("dash"), false, 3600, None).await.is_none());
+        assert!(broker.claim(Arc::from("dash"), false, 3600, eve.clone(), 0).await.is_err());
+        assert!(broker.claim(Arc::from("dash"), false, 3600, None, 0).await.is_err());
         assert!(!held.taken_over());
         broker.release(held, super::super::Ending { will: None, session_expiry: 3600 });
         // Left by ops: eve gets a fresh session, not ops's state.
-        let fresh = broker.claim(Arc::from("dash"), false, 3600, eve).await.unwrap();
+        let fresh = broker.claim(Arc::from("dash"), false, 3600, eve, 0).await.unwrap();
         assert!(!fresh.session_present && fresh.state.incoming_qos2.is_empty());
     }
 
     #[tokio::test]
     async fn a_connected_clean_session_is_not_saved_and_a_takeover_of_it_starts_fresh() {
         let broker = Broker::default();
-        let clean = broker.claim(Arc::from("clean"), true, 0, None).await.unwrap();
+        let clean = broker.claim(Arc::from("clean"), true, 0, None, 0).await.unwrap();
         broker.router().subscribe(&clean.client, "t/#", SubscriptionOptions::default(), None);
         // Saved while connected: a session ending with its connection is not kept.
         assert_eq!(Broker::default().restore(broker.snapshot()).unwrap(), (0, 0));
@@ -354,7 +356,9 @@ mod tests {
         // resume: there is no session to resume (review finding).
         let takeover = broker.clone();
         let new =
-            tokio::spawn(async move { takeover.claim(Arc::from("clean"), false, 3600, None).await.unwrap() });
+            tokio::spawn(
+                async move { takeover.claim(Arc::from("clean"), false, 3600, None, 0).await.unwrap() },
+            );
         broker.release(clean, super::super::Ending { will: None, session_expiry: 0 });
         let new = new.await.unwrap();
         assert!(!new.session_present);

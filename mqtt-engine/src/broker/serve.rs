@@ -24,7 +24,7 @@ use tokio::time::{sleep, timeout, Sleep};
 
 use super::client::{kind, Client, Exit, Identity, Terms};
 use super::stats::BrokerStats;
-use super::{Broker, Ending};
+use super::{Broker, ClaimRefused, Ending};
 use crate::access::{login, Refusal};
 use crate::connection::{Inbox, Outbox};
 use crate::packet::*;
@@ -163,23 +163,20 @@ where
         connect.client_id.clone_from(&id);
         assigned = Some(id);
     }
+    // Read before the rules the login uses: a reload in between is caught.
+    let login_epoch = broker.access_epoch();
     let access = broker.access();
     let checked = login(
         access.clone(),
         &broker.shared.guard,
+        deadline,
         origin.ip,
         origin.certificate_user.clone(),
         connect.username.as_deref(),
         connect.password.as_deref(),
     );
     // Waiting for a password check counts against the connect timeout too.
-    let Ok(checked) = tokio::time::timeout_at(deadline, checked).await else {
-        let why = "the password check waited past connect_timeout (logins queued)";
-        let mut outbox = refuse(ReasonCode::SERVER_BUSY, 0x03, &connect.client_id, why);
-        close(&mut stream, &mut outbox).await;
-        return None;
-    };
-    let user = match checked {
+    let user = match checked.await {
         Ok(user) => user,
         Err(refusal) => {
             // The same answer for an unknown user and a wrong password.
@@ -190,9 +187,11 @@ where
                 Refusal::AnonymousNotAllowed => {
                     (ReasonCode::NOT_AUTHORIZED, "anonymous clients are not allowed")
                 }
+                Refusal::Busy => (ReasonCode::SERVER_BUSY, "the password check waited past connect_timeout"),
             };
-            // 3.1.1's 0x05 (not authorized) for both, as mosquitto answers.
-            let v311 = 0x05;
+            // 3.1.1's 0x05 (not authorized) for both, as mosquitto answers;
+            // 0x03 (server unavailable) when it was only busy.
+            let v311 = if refusal == Refusal::Busy { 0x03 } else { 0x05 };
             let why = match &connect.username {
                 Some(user) => format!("{why} (user `{user}`)"),
                 None => why.to_owned(),
@@ -220,12 +219,26 @@ where
     drop(access);
     let terms = terms(&broker, &mut connect);
     let client_id: Arc<str> = connect.client_id.as_str().into();
-    let Some(claim) = broker.claim(client_id, connect.clean_start, terms.session_expiry, user.clone()).await
-    else {
-        let why = "the client id's session belongs to another user's connection";
-        let mut outbox = refuse(ReasonCode::NOT_AUTHORIZED, 0x05, &connect.client_id, why);
-        close(&mut stream, &mut outbox).await;
-        return None;
+    let claim = broker.claim(client_id, connect.clean_start, terms.session_expiry, user.clone(), login_epoch);
+    let claim = match claim.await {
+        Ok(claim) => claim,
+        Err(refused) => {
+            let (code, v311, why) = match refused {
+                ClaimRefused::OtherUser => (
+                    ReasonCode::NOT_AUTHORIZED,
+                    0x05,
+                    "the client id's session belongs to another user's connection",
+                ),
+                ClaimRefused::Reloaded => (
+                    ReasonCode::SERVER_BUSY,
+                    0x03,
+                    "the password and ACL files were reloaded during the login; try again",
+                ),
+            };
+            let mut outbox = refuse(code, v311, &connect.client_id, why);
+            close(&mut stream, &mut outbox).await;
+            return None;
+        }
     };
     let settings = broker.settings();
     let properties = if v5 {

@@ -127,10 +127,17 @@ impl QueueLimits {
     pub const NONE: QueueLimits = QueueLimits { messages: usize::MAX, bytes: usize::MAX };
 }
 
-/// What a delivery counts against [`QueueLimits::bytes`].
+/// What a delivery counts against [`QueueLimits::bytes`]: topic, payload,
+/// and the MQTT 5 properties it carries on (user properties can make a
+/// one-byte message a megabyte).
 fn weight(delivery: &Delivery) -> u32 {
     let envelope = &delivery.envelope;
-    u32::try_from(envelope.payload.len() + envelope.topic.as_str().len()).unwrap_or(u32::MAX)
+    let p = &envelope.properties;
+    let properties = p.user_properties.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + p.correlation_data.as_ref().map_or(0, |d| d.len())
+        + p.response_topic.as_ref().map_or(0, String::len)
+        + p.content_type.as_ref().map_or(0, String::len);
+    u32::try_from(envelope.payload.len() + envelope.topic.as_str().len() + properties).unwrap_or(u32::MAX)
 }
 
 impl Inner {
@@ -341,9 +348,12 @@ impl Mailbox {
 
     /// Marks the session online or offline.
     pub fn set_online(&self, online: bool) {
-        // A new connection starts with the credentials it just proved.
-        self.revoked.store(false, Ordering::Release);
         self.online.store(online, Ordering::Release)
+    }
+
+    /// A new connection claimed the session with fresh credentials.
+    pub(crate) fn clear_revoked(&self) {
+        self.revoked.store(false, Ordering::Release);
     }
 
     /// Tells the owning connection its credentials are no longer valid.
