@@ -4,6 +4,7 @@ every byte. Each test names the normative statements (MQTT-x.y.z-n) of the
 OASIS specifications it checks."""
 
 import shutil
+import socket
 import struct
 import subprocess
 import threading
@@ -571,3 +572,30 @@ def test_an_expired_message_is_not_delivered(port):
     c.expect(9)
     with pytest.raises((TimeoutError, OSError)):
         c.recv(timeout=0.5)
+
+
+def test_a_client_that_stopped_reading_is_taken_over_at_once(port):
+    # MQTT-3.1.4-3: a new connection with the same client id takes the
+    # session over. The old one here stopped reading while the broker was
+    # writing to it (its socket buffers full); the takeover must not wait
+    # for the broker's write limit (up to 30 s) to end the old connection.
+    stuck = raw.Raw(port)
+    stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.send(raw.connect("stuck", keep_alive=60))
+    stuck.expect(2)
+    stuck.send(raw.subscribe(1, [("flood/#", 0)]))
+    stuck.expect(9)
+    flood = raw.Raw(port)
+    flood.send(raw.connect("flooder"))
+    flood.expect(2)
+    chunk = b"".join(raw.publish(f"flood/{i}", b"x" * 1024) for i in range(500))
+    for _ in range(8):  # 4,000 messages of 1 KiB, far past the socket buffers
+        flood.send(chunk)
+    time.sleep(0.5)
+    started = time.monotonic()
+    new = raw.Raw(port, timeout=10)
+    new.send(raw.connect("stuck", clean=False))
+    first, body = new.expect(2, timeout=10)
+    took = time.monotonic() - started
+    assert body[1] == 0, body
+    assert took < 5, f"the takeover waited {took:.1f} s for the stuck connection"

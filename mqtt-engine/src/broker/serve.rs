@@ -267,7 +267,7 @@ where
     if client.keep_alive != 0 {
         client.broker.watch_keepalive(&client.claim, client.grace());
     }
-    Some(Connection { stream, client, inbox, phase: Phase::Work, write_timer: None })
+    Some(Connection { stream, client, inbox, phase: Phase::Work, noticed: false, write_timer: None })
 }
 
 /// The limits CONNECT settles; takes the will out of it.
@@ -316,6 +316,9 @@ struct Connection<S> {
     client: Client,
     inbox: Inbox,
     phase: Phase,
+    /// The mailbox signalled while a write was blocked: work is due once
+    /// the write is done (the signal was taken to be woken again).
+    noticed: bool,
     /// Runs while a write is blocked (the client does not read).
     write_timer: Option<Pin<Box<Sleep>>>,
 }
@@ -333,7 +336,7 @@ enum Phase {
 impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
     /// The connection's life after CONNACK; ready with how it ended.
     fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Exit> {
-        let Connection { stream, client, inbox, phase, write_timer } = self;
+        let Connection { stream, client, inbox, phase, noticed, write_timer } = self;
         let mut stream = Pin::new(stream);
         loop {
             match *phase {
@@ -352,13 +355,32 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
                 Phase::Flush => match client.outbox.poll_flush(stream.as_mut(), cx) {
                     Poll::Ready(Ok(())) => {
                         *write_timer = None;
-                        *phase = Phase::Wait;
+                        *phase = if std::mem::take(noticed) { Phase::Work } else { Phase::Wait };
                     }
                     Poll::Ready(Err(e)) => {
                         tracing::debug!(client = %client.client_id(), error = %e, "write failed");
                         return Poll::Ready(Exit::Abnormal(None));
                     }
                     Poll::Pending => {
+                        // A client that stopped reading must not hold off a
+                        // takeover, a revocation or the broker's stop until its
+                        // write limit: each wakes the task through the mailbox
+                        // (registered here), and ends it here.
+                        // Until Pending: that is when the waker is registered.
+                        while client.claim.mailbox.poll_notified(cx).is_ready() {
+                            *noticed = true;
+                        }
+                        if client.broker.is_shutting_down() {
+                            return Poll::Ready(Exit::Shutdown);
+                        }
+                        if client.claim.taken_over() {
+                            tracing::info!(client = %client.client_id(), "session taken over while the client was not reading");
+                            return Poll::Ready(Exit::Abnormal(Some(ReasonCode::SESSION_TAKEN_OVER)));
+                        }
+                        if client.claim.mailbox.revoked() {
+                            tracing::info!(client = %client.client_id(), user = client.user().unwrap_or(""), "password removed or changed by a reload; disconnected");
+                            return Poll::Ready(Exit::Abnormal(Some(ReasonCode::NOT_AUTHORIZED)));
+                        }
                         let limit = client.write_limit();
                         let timer = write_timer.get_or_insert_with(|| Box::pin(sleep(limit)));
                         if timer.as_mut().poll(cx).is_ready() {
