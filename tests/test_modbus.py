@@ -15,6 +15,8 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from modbus_peer import ModbusDevice
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -150,23 +152,11 @@ ATTRIBUTES = """
 
 @pytest.fixture
 def modbus_server(tmp_path):
-    port = free_port()
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(SPEC))
-    proc = subprocess.Popen([sys.executable, str(HERE / "modbus_server.py"), str(port), str(spec)], stdout=subprocess.PIPE, text=True)
+    device = ModbusDevice(SPEC, tmp_path)
     try:
-        assert proc.stdout.readline().strip() == "ready"
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
-        yield port
+        yield device.port
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        device.stop()
 
 
 def test_modbus_tcp_readings_arrive_decoded_and_failures_stay_per_device(gateway, write_config, modbus_server):

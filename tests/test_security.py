@@ -21,10 +21,11 @@ from pathlib import Path
 import pytest
 
 import mqtt_raw as raw
+from modbus_peer import ModbusDevice
 from security_peer import (
     V3_ACCEPTED, V3_NOT_AUTHORIZED, V3_SERVER_UNAVAILABLE, V3_SUB_FAILURE, V5_BAD_CREDENTIALS,
     V5_NOT_AUTHORIZED, V5_PACKET_TOO_LARGE, V5_PUB_NOT_AUTHORIZED, V5_SERVER_BUSY, V5_SUB_NOT_AUTHORIZED,
-    V5_SUCCESS, PUBLISHED, Client, ModbusDevice, RawConn, SysWatcher, closed_after, connack, connect_packet,
+    V5_SUCCESS, PUBLISHED, Client, RawConn, SysWatcher, closed_after, connack, connect_packet,
     fieldmq_passwd, mosquitto_passwd, new_source, round_trip, start_broker, timed_connack, tls_context,
 )
 from upstream_peer import MOSQUITTO, _leaf, free_port, make_pki, need
@@ -608,7 +609,6 @@ def test_an_oversized_packet_closes_only_its_connection(broker, clients):
 def test_a_socket_that_sends_nothing_is_closed_after_connect_timeout(broker, clients, pki, tmp_path):
     b = broker(transports=("mqtt", "mqtts", "ws"), connect_timeout="1s", **tls_files(pki, tmp_path))
     early = clients.new(b.port, v5=True)  # a client that did connect is not affected
-    opened = {}
 
     def plain(port):
         return socket.create_connection(("127.0.0.1", port), source_address=(new_source(), 0))

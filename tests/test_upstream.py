@@ -377,7 +377,7 @@ def test_a_full_buffer_drops_the_oldest_and_keeps_a_contiguous_newest_tail(peers
     gw, port = peers.start_gateway(gateway_toml(upstream_section(up, pki), buffer={"max_size": "256KiB", "when_full": "drop-oldest"}))
     wait_log(gw, FAILED, timeout=5)
     lan = peers.lan(port, size=2048)
-    published = lan.publish(1000, wait=False)
+    lan.publish(1000, wait=False)
     assert lan.wait_acked(timeout=20), f"drop-oldest must accept every new message; unacknowledged: {lan.unacked()[:20]}"
 
     line = wait_log(gw, r"dropped\D*\d+|\d+\D*dropped", timeout=5).string

@@ -181,8 +181,7 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
                 let mut new = new;
                 new.broker = config::BrokerConfig {
                     access: new.broker.access.clone(),
-                    warnings: Vec::new(),
-                    ..config.broker.clone()
+                    ..config.broker.bound_at_start()
                 };
                 tracing::info!("SIGHUP: config reloaded, restarting the devices");
                 let seen = pipeline.stop().await;
@@ -283,18 +282,7 @@ fn reload_access(old: &Config, new: &Config, broker: &Broker) -> Result<(), Vec<
         anonymous,
         "SIGHUP: password and ACL files read; connected clients keep their session under the new rules"
     );
-    let (o, n) = (&old.broker, &new.broker);
-    if o.listeners != n.listeners
-        || o.tls != n.tls
-        || o.max_connections != n.max_connections
-        || o.max_packet_size != n.max_packet_size
-        || o.max_inflight != n.max_inflight
-        || o.max_queued != n.max_queued
-        || o.max_queued_bytes != n.max_queued_bytes
-        || o.connect_timeout != n.connect_timeout
-        || o.sys_interval != n.sys_interval
-        || o.ws_origins != n.ws_origins
-    {
+    if old.broker.bound_at_start() != new.broker.bound_at_start() {
         tracing::warn!("SIGHUP: [broker] listeners, TLS files and limits take effect at the next restart");
     }
     Ok(())

@@ -66,6 +66,17 @@ impl TopicName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Whether it is under `$SYS`, the broker's own statistics.
+    pub fn is_sys(&self) -> bool {
+        is_sys(&self.0)
+    }
+}
+
+/// Whether `topic` is under `$SYS`: the broker's own, never written by a
+/// client, never saved, not counted as retained.
+pub(crate) fn is_sys(topic: &str) -> bool {
+    topic == "$SYS" || topic.starts_with("$SYS/")
 }
 
 impl fmt::Display for TopicName {

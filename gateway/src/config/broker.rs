@@ -12,7 +12,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use mqtt_engine::access::{Access, AccessFiles};
+use mqtt_engine::access::{AccessFiles, Acl, PasswordFile};
 use mqtt_engine::server::tls::{check_server_files, ServerTlsFiles};
 use toml::Spanned;
 
@@ -50,7 +50,7 @@ impl ListenerKind {
 }
 
 /// `[broker]`, resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BrokerConfig {
     /// Every listener, in the order of the keys.
     pub listeners: Vec<(SocketAddr, ListenerKind)>,
@@ -73,6 +73,14 @@ pub struct BrokerConfig {
     pub ws_origins: Vec<String>,
     /// Allowed but probably not meant; rendered into `Config::warnings`.
     pub warnings: Vec<Diagnostic>,
+}
+
+impl BrokerConfig {
+    /// What the broker takes at start and keeps until a restart: all but
+    /// the access files (which SIGHUP re-reads) and the warnings.
+    pub fn bound_at_start(&self) -> BrokerConfig {
+        BrokerConfig { access: AccessFiles::default(), warnings: Vec::new(), ..self.clone() }
+    }
 }
 
 fn addresses(
@@ -161,12 +169,10 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
     let access =
         AccessFiles { allow_anonymous, password_file: path(&b.password_file), acl_file: path(&b.acl_file) };
     // Read now, so a bad line is refused before the gateway runs.
-    let mut loaded = None;
     if let Some(file) = &access.password_file {
-        let only = AccessFiles { password_file: Some(file.clone()), ..AccessFiles::default() };
-        match Access::load(&only) {
-            Ok(a) => {
-                for user in a.passwords().map(|p| p.weak_users()).unwrap_or_default() {
+        match PasswordFile::load(file) {
+            Ok(passwords) => {
+                for user in passwords.weak_users() {
                     warnings.push(at(
                         &b.password_file,
                         &format!(
@@ -178,18 +184,15 @@ pub fn resolve_broker(b: &BrokerSection, source: &ConfigSource, diags: &mut Vec<
             Err(errors) => errors.iter().for_each(|e| diags.push(at(&b.password_file, e))),
         }
     }
-    if let Some(file) = &access.acl_file {
-        let only = AccessFiles { acl_file: Some(file.clone()), allow_anonymous, ..AccessFiles::default() };
-        match Access::load(&only) {
-            Ok(a) => loaded = Some(a),
-            Err(errors) => errors.iter().for_each(|e| diags.push(at(&b.acl_file, e))),
-        }
+    let acl = access.acl_file.as_deref().map(Acl::load);
+    if let Some(Err(errors)) = &acl {
+        errors.iter().for_each(|e| diags.push(at(&b.acl_file, e)));
     }
     let anonymous_writes = allow_anonymous
-        && match (&access.acl_file, &loaded) {
-            (None, _) => true,
-            (Some(_), Some(a)) => a.acl().is_some_and(|acl| acl.grants_anonymous_write()),
-            (Some(_), None) => false,
+        && match &acl {
+            None => true,
+            Some(Ok(acl)) => acl.grants_anonymous_write(),
+            Some(Err(_)) => false,
         };
     if anonymous_writes {
         for (addr, kind) in &listeners {

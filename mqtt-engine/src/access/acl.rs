@@ -321,6 +321,18 @@ pub struct Acl {
 }
 
 impl Acl {
+    /// Reads and parses an ACL file; errors carry the path
+    /// (`path:line:col: what`).
+    pub fn load(path: &std::path::Path) -> Result<Acl, Vec<String>> {
+        let text = std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        Acl::parse(&text).map_err(|errors| {
+            errors
+                .iter()
+                .map(|e| format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message))
+                .collect()
+        })
+    }
+
     /// Parses an ACL file's text, returning every error found, in line
     /// order, if any.
     pub fn parse(text: &str) -> Result<Acl, Vec<AclError>> {

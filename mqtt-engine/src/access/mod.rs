@@ -99,23 +99,10 @@ impl Access {
             Some(path) => PasswordFile::load(path).map_err(|e| errors.extend(e)).ok(),
             None => None,
         };
-        let acl =
-            match &files.acl_file {
-                Some(path) => match std::fs::read_to_string(path) {
-                    Ok(text) => Acl::parse(&text)
-                        .map_err(|e| {
-                            errors.extend(e.iter().map(|e| {
-                                format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message)
-                            }))
-                        })
-                        .ok(),
-                    Err(e) => {
-                        errors.push(format!("{}: {e}", path.display()));
-                        None
-                    }
-                },
-                None => None,
-            };
+        let acl = match &files.acl_file {
+            Some(path) => Acl::load(path).map_err(|e| errors.extend(e)).ok(),
+            None => None,
+        };
         if !errors.is_empty() {
             return Err(errors);
         }
@@ -139,7 +126,7 @@ impl Access {
 
     /// Whether `user` may publish to `topic` (`$SYS` is the broker's own).
     pub fn may_write(&self, user: Option<&str>, client_id: &str, topic: &str) -> bool {
-        if topic.starts_with("$SYS") {
+        if crate::topic::is_sys(topic) {
             return false;
         }
         self.acl.as_ref().is_none_or(|acl| acl.may_write(user, client_id, topic))

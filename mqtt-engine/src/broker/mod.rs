@@ -293,7 +293,7 @@ impl Broker {
     /// sent down, which must not be forwarded back up.
     pub fn route_from_upstream(&self, envelope: Envelope) -> usize {
         // `$SYS` is not saved: publishing it must not make a snapshot due.
-        let worth_saving = !envelope.topic.as_str().starts_with("$SYS/");
+        let worth_saving = !envelope.topic.is_sys();
         let retain = envelope.retain;
         let delivered = self.router().route(Arc::new(envelope));
         if worth_saving && (retain || delivered > 0) {

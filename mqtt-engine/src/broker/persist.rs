@@ -122,10 +122,8 @@ impl Broker {
         let mut buf = BytesMut::with_capacity(4096);
         buf.put_slice(MAGIC);
         // `$SYS` is the running broker's own and says nothing after a restart.
-        let retained: Vec<&Arc<Envelope>> = router
-            .all_retained()
-            .filter(|e| !e.expired() && !e.topic.as_str().starts_with("$SYS/"))
-            .collect();
+        let retained: Vec<&Arc<Envelope>> =
+            router.all_retained().filter(|e| !e.expired() && !e.topic.is_sys()).collect();
         buf.put_u32(retained.len() as u32);
         for envelope in retained {
             put_envelope(&mut buf, envelope);

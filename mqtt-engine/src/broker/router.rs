@@ -335,7 +335,7 @@ impl Router {
     pub fn counts(&self) -> (usize, usize) {
         // `$SYS`'s own retained messages are not counted, so the figure is
         // what clients and devices retained.
-        let sys = self.retained.keys().filter(|t| t.as_str().starts_with("$SYS/")).count();
+        let sys = self.retained.keys().filter(|t| t.is_sys()).count();
         (self.retained.len() - sys, self.subscriptions.len())
     }
 }

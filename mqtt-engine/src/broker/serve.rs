@@ -370,16 +370,8 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
                         while client.claim.mailbox.poll_notified(cx).is_ready() {
                             *noticed = true;
                         }
-                        if client.broker.is_shutting_down() {
-                            return Poll::Ready(Exit::Shutdown);
-                        }
-                        if client.claim.taken_over() {
-                            tracing::info!(client = %client.client_id(), "session taken over while the client was not reading");
-                            return Poll::Ready(Exit::Abnormal(Some(ReasonCode::SESSION_TAKEN_OVER)));
-                        }
-                        if client.claim.mailbox.revoked() {
-                            tracing::info!(client = %client.client_id(), user = client.user().unwrap_or(""), "password removed or changed by a reload; disconnected");
-                            return Poll::Ready(Exit::Abnormal(Some(ReasonCode::NOT_AUTHORIZED)));
+                        if let Some(exit) = told_to_go(client) {
+                            return Poll::Ready(exit);
                         }
                         let limit = client.write_limit();
                         let timer = write_timer.get_or_insert_with(|| Box::pin(sleep(limit)));
@@ -395,16 +387,8 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
                     // sending can still be taken over, and stopped. Each is
                     // set before the mailbox is woken for it, and the mailbox
                     // is polled after: one of the two is seen.
-                    if client.claim.taken_over() {
-                        tracing::info!(client = %client.client_id(), "session taken over by a new connection");
-                        return Poll::Ready(Exit::Abnormal(Some(ReasonCode::SESSION_TAKEN_OVER)));
-                    }
-                    if client.broker.is_shutting_down() {
-                        return Poll::Ready(Exit::Shutdown);
-                    }
-                    if client.claim.mailbox.revoked() {
-                        tracing::info!(client = %client.client_id(), user = client.user().unwrap_or(""), "password removed or changed by a reload; disconnected");
-                        return Poll::Ready(Exit::Abnormal(Some(ReasonCode::NOT_AUTHORIZED)));
+                    if let Some(exit) = told_to_go(client) {
+                        return Poll::Ready(exit);
                     }
                     if client.keep_alive != 0 && client.claim.mailbox.keepalive_expired() {
                         return Poll::Ready(client.keepalive_expired());
@@ -471,6 +455,24 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
         broker.shared.stats.client_disconnected();
         broker.release(claim, Ending { will, session_expiry });
     }
+}
+
+/// How the connection ends when something outside it says it must: a
+/// takeover, the broker stopping, or its credentials revoked by a reload.
+/// Each is set before the mailbox is woken for it.
+fn told_to_go(client: &Client) -> Option<Exit> {
+    if client.claim.taken_over() {
+        tracing::info!(client = %client.client_id(), "session taken over by a new connection");
+        return Some(Exit::Abnormal(Some(ReasonCode::SESSION_TAKEN_OVER)));
+    }
+    if client.broker.is_shutting_down() {
+        return Some(Exit::Shutdown);
+    }
+    if client.claim.mailbox.revoked() {
+        tracing::info!(client = %client.client_id(), user = client.user().unwrap_or(""), "password removed or changed by a reload; disconnected");
+        return Some(Exit::Abnormal(Some(ReasonCode::NOT_AUTHORIZED)));
+    }
+    None
 }
 
 /// Writes what is queued, then shuts the stream down; gives up after a

@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at};
 pub use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{serve_client, Broker, Origin};
 use crate::connection::{Inbox, Outbox};
 use crate::packet::{Connack, Packet, Properties, Protocol, ReasonCode};
+use crate::QuickAck;
 
 /// What a listener speaks on top of TCP.
 #[derive(Clone)]
@@ -160,41 +161,39 @@ async fn handshake_then_serve(
     mut origin: Origin,
     permit: OwnedSemaphorePermit,
 ) {
-    let limit = broker.settings().connect_timeout;
     // One budget for every handshake and the CONNECT after them.
-    origin.deadline = Some(tokio::time::Instant::now() + limit);
-    let peer = origin.peer.clone();
-    let fail = |what: &str, why: String| tracing::info!(%peer, "{what} failed: {why}; closing");
+    let deadline = tokio::time::Instant::now() + broker.settings().connect_timeout;
+    origin.deadline = Some(deadline);
     match transport {
         Transport::Tcp => serve_client(stream, broker, origin, permit).await,
         Transport::Tls(acceptor) => {
-            let Some(tls) = tls_accept(&acceptor, stream, limit, &mut origin).await else { return };
+            let Some(tls) = tls_accept(&acceptor, stream, deadline, &mut origin).await else { return };
             serve_client(tls, broker, origin, permit).await;
         }
-        Transport::WebSocket => {
-            match timeout(limit, crate::websocket::accept_from(stream, &broker.settings().ws_origins)).await {
-                Ok(Ok(mut ws)) => {
-                    ws.set_max_frame(broker.settings().max_packet_size + 16);
-                    serve_client(ws, broker, origin, permit).await
-                }
-                Ok(Err(e)) => fail("WebSocket handshake", e.to_string()),
-                Err(_) => fail("WebSocket handshake", "timed out".into()),
-            }
-        }
+        Transport::WebSocket => websocket_then_serve(stream, broker, origin, permit).await,
         Transport::WebSocketTls(acceptor) => {
-            let started = tokio::time::Instant::now();
-            let Some(tls) = tls_accept(&acceptor, stream, limit, &mut origin).await else { return };
-            let left = limit.saturating_sub(started.elapsed());
-            match timeout(left, crate::websocket::accept_from(tls, &broker.settings().ws_origins)).await {
-                Ok(Ok(mut ws)) => {
-                    ws.set_max_frame(broker.settings().max_packet_size + 16);
-                    serve_client(ws, broker, origin, permit).await
-                }
-                Ok(Err(e)) => fail("WebSocket handshake", e.to_string()),
-                Err(_) => fail("WebSocket handshake", "timed out".into()),
-            }
+            let Some(tls) = tls_accept(&acceptor, stream, deadline, &mut origin).await else { return };
+            websocket_then_serve(tls, broker, origin, permit).await;
         }
     }
+}
+
+/// The WebSocket upgrade, by `origin.deadline`, then the client.
+async fn websocket_then_serve<S>(stream: S, broker: Broker, origin: Origin, permit: OwnedSemaphorePermit)
+where
+    S: AsyncRead + AsyncWrite + QuickAck + Unpin + Send + 'static,
+{
+    let settings = broker.settings();
+    let deadline = origin.deadline.unwrap_or_else(|| tokio::time::Instant::now() + settings.connect_timeout);
+    let why = match timeout_at(deadline, crate::websocket::accept_from(stream, &settings.ws_origins)).await {
+        Ok(Ok(mut ws)) => {
+            ws.set_max_frame(settings.max_packet_size + 16);
+            return serve_client(ws, broker, origin, permit).await;
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "timed out".to_owned(),
+    };
+    tracing::info!(peer = %origin.peer, "WebSocket handshake failed: {why}; closing");
 }
 
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
@@ -205,10 +204,10 @@ type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 async fn tls_accept(
     acceptor: &TlsAcceptor,
     stream: TcpStream,
-    limit: Duration,
+    deadline: tokio::time::Instant,
     origin: &mut Origin,
 ) -> Option<Pin<Box<TlsStream>>> {
-    match timeout(limit, acceptor.accept(stream)).await {
+    match timeout_at(deadline, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let (_, connection) = tls.get_ref();
             if let Some(certificate) = connection.peer_certificates().and_then(|c| c.first()) {

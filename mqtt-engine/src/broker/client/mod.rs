@@ -333,7 +333,7 @@ impl Client {
         };
         BrokerStats::add(&self.broker.shared.stats.messages_received, 1);
         // `$SYS` is the broker's own, ACL or not.
-        let denied = topic.as_str().starts_with("$SYS")
+        let denied = topic.is_sys()
             || self
                 .broker
                 .acl_access()
