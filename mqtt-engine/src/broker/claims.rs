@@ -18,6 +18,9 @@ pub enum ClaimRefused {
     OtherUser,
     /// The access rules were reloaded while the client logged in.
     Reloaded,
+    /// A newer connection with the same client id claimed the session
+    /// while this one waited for it.
+    Superseded,
 }
 
 impl Broker {
@@ -35,7 +38,7 @@ impl Broker {
         user: Option<Arc<str>>,
         login_epoch: u64,
     ) -> Result<Claim, ClaimRefused> {
-        let (state, mailbox, existed, generation, other_users, ended_will) = {
+        let (mailbox, existed, generation, other_users, ended_will) = {
             let mut router = self.router();
             if self.access_epoch() != login_epoch {
                 return Err(ClaimRefused::Reloaded);
@@ -74,13 +77,16 @@ impl Broker {
             entry.offline_since = None;
             // Back before its will's delay: the will is not sent.
             entry.pending_will = None;
-            (entry.state.clone(), entry.mailbox.clone(), existed, generation, other_users, ended_will)
+            (entry.mailbox.clone(), existed, generation, other_users, ended_will)
         };
         if let Some(will) = ended_will {
             self.publish_will(&client, *will);
         }
-        // Waits for a connection that was kicked to let go of the state.
-        let mut state = state.lock_owned().await;
+        // Waits for a connection that was kicked to hand the state back.
+        let Some(mut state) = self.take_state(&client, generation).await else {
+            tracing::info!(client = %client, "taken over by a newer connection before its CONNACK; closing");
+            return Err(ClaimRefused::Superseded);
+        };
         let fresh = clean_start || !existed || other_users;
         let session_present = !fresh;
         if fresh {
@@ -93,6 +99,29 @@ impl Broker {
         mailbox.set_online(true);
         self.touch();
         Ok(Claim { client, state, mailbox, session_present, generation })
+    }
+
+    /// The session state of `client` for the claim `generation`, once the
+    /// connection that held it has handed it back; `None` if a newer claim
+    /// came meanwhile (the state is for that one).
+    async fn take_state(&self, client: &str, generation: u64) -> Option<Box<SessionState>> {
+        loop {
+            // Listening before looking: a hand-back in between is not missed.
+            let released = self.shared.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            {
+                let mut router = self.router();
+                let entry = router.sessions.get_mut(client)?;
+                if entry.generation != generation {
+                    return None;
+                }
+                if let Some(state) = entry.state.take() {
+                    return Some(state);
+                }
+            }
+            released.await;
+        }
     }
 
     /// Starts the keep alive of a claim's connection: it must send a
@@ -112,17 +141,22 @@ impl Broker {
     /// Releases a session when its connection ends.
     pub fn release(&self, claim: Claim, ending: Ending) {
         let Claim { client, state, mailbox, generation, .. } = claim;
-        // While the state is still locked: a connection taking over cannot
+        // Before the state is handed back: a connection taking over cannot
         // have registered its own waker and deadline yet.
         mailbox.disconnected();
         self.touch();
         let mut router = self.router();
         let still_ours = router.sessions.get(&client).is_some_and(|e| e.generation == generation);
         if !still_ours {
-            // Taken over: the new connection owns the session now. Our will
-            // goes now unless the session goes on and the will may wait.
+            // Taken over: the new connection owns the session now, and gets
+            // its state. Our will goes now unless the session goes on and
+            // the will may wait.
             let clean = router.sessions.get(&client).is_some_and(|e| e.taken_over_clean);
+            if let Some(entry) = router.sessions.get_mut(&client) {
+                entry.state = Some(state);
+            }
             drop(router);
+            self.shared.released.notify_waiters();
             if let Some(will) = ending.will {
                 if clean || will.properties.will_delay_interval.unwrap_or(0) == 0 {
                     self.publish_will(&client, *will);
@@ -137,7 +171,7 @@ impl Broker {
         if let Some(entry) = router.sessions.get_mut(&client) {
             entry.held = false;
             entry.expiry = ending.session_expiry;
-            entry.offline_since = Some(std::time::SystemTime::now());
+            entry.went_offline();
         }
         if ending.session_expiry == 0 {
             router.remove_subscriptions(&client, &state);
@@ -149,8 +183,10 @@ impl Broker {
             }
             return;
         }
+        if let Some(entry) = router.sessions.get_mut(&client) {
+            entry.state = Some(state);
+        }
         drop(router);
-        drop(state);
         let expiry = (ending.session_expiry != u32::MAX)
             .then(|| Duration::from_secs(u64::from(ending.session_expiry)));
         let will_delay = ending
@@ -207,7 +243,7 @@ impl Broker {
         }
         // Nobody holds an offline session's state; if somebody just claimed
         // it, the generation check above already returned.
-        let Ok(state) = entry.state.clone().try_lock_owned() else { return };
+        let Some(state) = router.sessions.get_mut(client).and_then(|e| e.state.take()) else { return };
         router.remove_subscriptions(client, &state);
         let will = router.sessions.remove(client).and_then(|e| e.pending_will);
         drop(router);
@@ -266,6 +302,32 @@ mod tests {
         broker.set_access(Access::new(false, Some(changed), None));
         assert!(anon.mailbox.revoked(), "anonymous clients are no longer allowed");
         assert!(!ops_claim.mailbox.revoked());
+    }
+
+    #[tokio::test]
+    async fn a_takeover_gets_the_state_handed_back_and_a_claim_superseded_meanwhile_is_refused() {
+        let broker = Broker::default();
+        let epoch = broker.access_epoch();
+        let claim = |broker: &Broker| {
+            let broker = broker.clone();
+            tokio::spawn(async move { broker.claim(Arc::from("c"), false, u32::MAX, None, epoch).await })
+        };
+        let mut first = broker.claim(Arc::from("c"), false, u32::MAX, None, epoch).await.unwrap();
+        first.state.last_id = 41;
+        let second = claim(&broker);
+        while !first.taken_over() {
+            tokio::task::yield_now().await;
+        }
+        let third = claim(&broker);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!second.is_finished() && !third.is_finished(), "both wait for the state");
+        broker.release(first, Ending { will: None, session_expiry: u32::MAX });
+        assert!(matches!(second.await.unwrap(), Err(ClaimRefused::Superseded)));
+        let third = third.await.unwrap().unwrap();
+        assert!(third.session_present);
+        assert_eq!(third.state.last_id, 41, "the state the first connection left");
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::session::{KeepAliveCheck, Mailbox};
+use super::mailbox::{KeepAliveCheck, Mailbox};
 
 /// The keep-alive deadlines of a broker's connections.
 pub(crate) struct KeepAlives {

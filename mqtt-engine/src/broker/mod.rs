@@ -22,7 +22,10 @@
 
 mod claims;
 mod client;
+mod connect;
 mod keepalive;
+mod mailbox;
+mod parking;
 mod persist;
 mod router;
 mod serve;
@@ -31,17 +34,20 @@ mod stats;
 mod subscriptions;
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, OwnedMutexGuard};
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 pub use claims::ClaimRefused;
 use keepalive::KeepAlives;
+pub use mailbox::{Mailbox, QueueLimits};
+pub use parking::Parkable;
+use parking::ParkingLot;
 use router::Router;
 pub use serve::{serve_client, Origin};
-pub use session::{Delivery, Envelope, Mailbox, QueueLimits, SessionState};
+pub use session::{Delivery, Envelope, SessionState};
 pub use stats::{publish_sys, sys_values};
 
 use crate::access::{Access, LoginGuard};
@@ -124,14 +130,20 @@ struct Shared {
     guard: LoginGuard,
     /// Counters for `$SYS`.
     stats: stats::BrokerStats,
+    /// Where idle connections wait (made at the first; `None` when it
+    /// could not be).
+    parking: OnceLock<Option<Arc<ParkingLot>>>,
+    /// Signalled when a connection that was taken over hands its session
+    /// state back.
+    released: Notify,
 }
 
 /// A claimed session, owned by one connection until released.
 pub struct Claim {
     /// The client id.
     pub client: Arc<str>,
-    /// The session state, locked for this connection.
-    pub state: OwnedMutexGuard<SessionState>,
+    /// The session state, this connection's until it releases the claim.
+    pub state: Box<SessionState>,
     /// Its mailbox, which also says when another connection takes the
     /// session over (see [`Claim::taken_over`]).
     pub mailbox: Arc<Mailbox>,
@@ -177,6 +189,8 @@ impl Broker {
                 access_epoch: AtomicU64::new(0),
                 guard: LoginGuard::default(),
                 stats: stats::BrokerStats::default(),
+                parking: OnceLock::new(),
+                released: Notify::new(),
             }),
         }
     }
@@ -245,6 +259,31 @@ impl Broker {
         // per connection for an event that happens once).
         for entry in self.router().sessions.values() {
             entry.mailbox.wake();
+        }
+    }
+
+    /// The parking lot of idle connections; made on first use, from a task.
+    fn parking(&self) -> Option<&Arc<ParkingLot>> {
+        let lot = self.shared.parking.get_or_init(|| match ParkingLot::start(self) {
+            Ok(lot) => Some(lot),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot park idle connections: each stays a task");
+                None
+            }
+        });
+        lot.as_ref()
+    }
+
+    /// How many idle connections are parked.
+    pub fn parked_connections(&self) -> usize {
+        self.shared.parking.get().and_then(Option::as_ref).map_or(0, |lot| lot.parked())
+    }
+
+    /// Waits, once the broker is shutting down, until every parked
+    /// connection was resumed and ended.
+    pub async fn parked_connections_ended(&self) {
+        if let Some(Some(lot)) = self.shared.parking.get() {
+            lot.drained().await;
         }
     }
 

@@ -21,8 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio::time::Instant;
 
+use super::mailbox::QueueLimits;
 use super::router::SessionEntry;
-use super::session::{Delivery, Envelope, Outgoing, QueueLimits, SessionState};
+use super::session::{Delivery, Envelope, Outgoing, SessionState};
 use super::Broker;
 use crate::packet::properties::Context;
 use crate::packet::wire::Reader;
@@ -131,7 +132,7 @@ impl Broker {
         let now = unix_now();
         // Sessions that end with their connection are not worth keeping.
         let sessions: Vec<(&Arc<str>, &SessionEntry)> =
-            router.sessions.iter().filter(|(_, e)| e.expiry != 0).collect();
+            router.sessions.iter().filter(|(_, e)| e.expiry != 0).map(|(c, e)| (c, &**e)).collect();
         buf.put_u32(sessions.len() as u32);
         for (client, entry) in sessions {
             put_str(&mut buf, client);
@@ -145,7 +146,7 @@ impl Broker {
             }
             let left = match entry.offline_since {
                 Some(since) if entry.expiry != u32::MAX => {
-                    let gone = since.elapsed().map_or(0, |d| d.as_secs());
+                    let gone = now.saturating_sub(since.get());
                     entry.expiry.saturating_sub(gone.min(u64::from(u32::MAX)) as u32)
                 }
                 _ => entry.expiry,
@@ -162,7 +163,8 @@ impl Broker {
                 buf.put_u8(o);
                 buf.put_u32(id.unwrap_or(NONE));
             }
-            let state = entry.state.try_lock().ok();
+            // `None` while a connection holds it.
+            let state = entry.state.as_deref();
             let outgoing: Vec<(u16, Outgoing)> = state
                 .as_ref()
                 .map_or_else(Vec::new, |s| s.outgoing.iter().map(|(k, v)| (*k, v.clone())).collect());
@@ -182,7 +184,6 @@ impl Broker {
             buf.put_u32(incoming.len() as u32);
             incoming.iter().for_each(|id| buf.put_u16(*id));
             buf.put_u16(state.as_ref().map_or(0, |s| s.last_id));
-            drop(state);
             // QoS 0 is not kept for an absent client (it was only queued
             // because the client was online).
             let queued: Vec<Delivery> =
@@ -262,9 +263,9 @@ impl Broker {
             }
             entry.expiry = left;
             (entry.owner, entry.owner_unknown) = (owner, owner_unknown);
-            entry.offline_since = Some(SystemTime::now());
+            entry.went_offline();
             entry.generation = router.next_generation();
-            entry.state = Arc::new(tokio::sync::Mutex::new(state));
+            entry.state = Some(Box::new(state));
             restored.push((client, entry));
         }
         if !r.is_empty() {

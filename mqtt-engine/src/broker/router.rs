@@ -12,15 +12,18 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use super::session::{Delivery, Envelope, Mailbox, QueueLimits, SessionState};
+use super::mailbox::{Mailbox, QueueLimits};
+use super::session::{Delivery, Envelope, SessionState};
 use super::subscriptions::{Subscriber, SubscriptionTree};
 use crate::packet::SubscriptionOptions;
 use crate::{Message, QoS, TopicError, TopicFilter, TopicName};
 
 /// A session as the router knows it.
 pub struct SessionEntry {
-    /// The state, locked by the connection that owns the session.
-    pub state: Arc<tokio::sync::Mutex<SessionState>>,
+    /// The state, while no connection holds the session: the connection
+    /// that claims it takes it, and hands it back when it ends (see
+    /// `claims.rs`).
+    pub state: Option<Box<SessionState>>,
     /// Where deliveries wait.
     pub mailbox: Arc<Mailbox>,
     /// Whether a connection holds the session (claimed, not released).
@@ -38,7 +41,8 @@ pub struct SessionEntry {
     /// Session expiry in seconds (`u32::MAX`: never), once released.
     pub expiry: u32,
     /// When the session was released, while it is offline.
-    pub offline_since: Option<std::time::SystemTime>,
+    /// In seconds since the Unix epoch: 8 bytes where a `SystemTime` takes 16.
+    pub offline_since: Option<std::num::NonZeroU64>,
     /// A will waiting for its delay; published by the will timer or, if the
     /// session ends first, by its expiry (MQTT-3.1.3-9).
     pub pending_will: Option<Box<crate::packet::Will>>,
@@ -52,10 +56,10 @@ pub struct SessionEntry {
 }
 
 impl SessionEntry {
-    /// A new, empty entry.
-    pub fn new() -> Self {
-        SessionEntry {
-            state: Default::default(),
+    /// A new, empty entry, boxed as the table keeps it.
+    pub fn new() -> Box<Self> {
+        Box::new(SessionEntry {
+            state: Some(Box::default()),
             mailbox: Arc::new(Mailbox::new()),
             held: false,
             generation: 0,
@@ -66,7 +70,14 @@ impl SessionEntry {
             pending_will: None,
             owner: None,
             owner_unknown: false,
-        }
+        })
+    }
+
+    /// Marks the session offline from now.
+    pub fn went_offline(&mut self) {
+        let now =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.offline_since = std::num::NonZeroU64::new(now.max(1));
     }
 }
 
@@ -103,8 +114,9 @@ pub fn parse_filter(raw: &str) -> Result<ParsedFilter<'_>, TopicError> {
 
 /// The routing state.
 pub struct Router {
-    /// Every session, by client id.
-    pub sessions: HashMap<Arc<str>, SessionEntry>,
+    /// Every session, by client id. Boxed: the table has up to twice as
+    /// many buckets as sessions, and a bucket is then 24 bytes, not 112.
+    pub sessions: HashMap<Arc<str>, Box<SessionEntry>>,
     subscriptions: SubscriptionTree,
     retained: BTreeMap<TopicName, Arc<Envelope>>,
     internal: Vec<InternalSubscriber>,

@@ -9,7 +9,9 @@
 //! mailbox (new mail, a takeover, the broker stopping, the keep alive
 //! expiring: see `keepalive.rs`), without a future or a timer per wait; and
 //! whenever it has nothing to do, its read and write buffers go back to
-//! the allocator.
+//! the allocator. A plain TCP connection that stays idle stops being a
+//! task altogether: it is parked (`parking.rs`) and resumed when something
+//! happens.
 
 use std::future::{poll_fn, Future};
 use std::net::IpAddr;
@@ -19,16 +21,20 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep, timeout, Sleep};
+use tokio_util::task::TaskTracker;
 
-use super::client::{kind, Client, Exit, Identity, Terms};
+use super::client::{Client, Exit, Resting};
+use super::connect::handshake;
+use super::mailbox::Mailbox;
+use super::parking::{Parkable, ParkingLot};
 use super::stats::BrokerStats;
-use super::{Broker, ClaimRefused, Ending};
-use crate::access::{login, Refusal};
+use super::{Broker, Ending};
 use crate::connection::{Inbox, Outbox};
 use crate::packet::*;
-use crate::{QuickAck, TopicName};
+use crate::QuickAck;
 
 /// Serves one client on `stream` until it leaves, fails or the broker
 /// stops. `slot`, its place under `max_connections`, is held until then.
@@ -37,9 +43,13 @@ use crate::{QuickAck, TopicName};
 /// One that is not `Unpin` can come as `Pin<Box<S>>`.
 pub fn serve_client<S>(stream: S, broker: Broker, origin: Origin, slot: OwnedSemaphorePermit) -> Serve<S>
 where
-    S: AsyncRead + AsyncWrite + QuickAck + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + QuickAck + Parkable + Unpin + Send + 'static,
 {
-    Serve { step: Step::Handshake(Box::pin(handshake(stream, broker, origin))), _slot: slot }
+    let handshake = async move {
+        let (stream, client, inbox) = handshake(stream, broker, origin).await?;
+        Some(Connection::new(stream, client, inbox, Idle::ParkNow))
+    };
+    Serve { step: Step::Handshake(Box::pin(handshake)), slot: Some(slot) }
 }
 
 /// Where a connection comes from.
@@ -61,11 +71,15 @@ pub struct Origin {
 /// The task of one connection: see [`serve_client`].
 pub struct Serve<S> {
     step: Step<S>,
-    _slot: OwnedSemaphorePermit,
+    /// Given to the parking lot with the connection when it parks.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
+// `Run` is where a connection spends its life; boxing it would cost an
+// allocation per connection to shrink states that last milliseconds.
+#[allow(clippy::large_enum_variant)]
 enum Step<S> {
     Handshake(Boxed<Option<Connection<S>>>),
     Run(Connection<S>),
@@ -75,12 +89,12 @@ enum Step<S> {
 
 impl<S> Future for Serve<S>
 where
-    S: AsyncRead + AsyncWrite + QuickAck + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + QuickAck + Parkable + Unpin + Send + 'static,
 {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let step = &mut self.step;
+        let Serve { step, slot } = &mut *self;
         loop {
             match step {
                 Step::Handshake(handshake) => match ready!(handshake.as_mut().poll(cx)) {
@@ -88,9 +102,16 @@ where
                     None => *step = Step::Done,
                 },
                 Step::Run(connection) => {
-                    let exit = ready!(connection.poll_run(cx));
+                    let outcome = ready!(connection.poll_run(cx));
                     if let Step::Run(connection) = std::mem::replace(step, Step::Done) {
-                        *step = Step::Finish(Box::pin(connection.finish(exit)));
+                        match outcome {
+                            Outcome::Park(lot) => {
+                                // The task ends; the connection lives on in the lot.
+                                connection.park(lot, slot.take());
+                                return Poll::Ready(());
+                            }
+                            Outcome::Exit(exit) => *step = Step::Finish(Box::pin(connection.finish(exit))),
+                        }
                     }
                 }
                 Step::Finish(finish) => {
@@ -101,213 +122,6 @@ where
             }
         }
     }
-}
-
-/// Reads and checks CONNECT, claims the session and queues CONNACK; `None`
-/// when the connection is refused or gone.
-async fn handshake<S>(mut stream: S, broker: Broker, origin: Origin) -> Option<Connection<S>>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let peer = origin.peer.as_str();
-    let mut inbox = Inbox::new();
-    let settings = broker.settings();
-    let read = poll_fn(|cx| inbox.poll_packet(Pin::new(&mut stream), cx, settings.max_packet_size, None));
-    let deadline = origin.deadline.unwrap_or_else(|| tokio::time::Instant::now() + settings.connect_timeout);
-    let first = tokio::time::timeout_at(deadline, read).await;
-    let mut connect = match first {
-        Err(_) => {
-            tracing::info!(%peer, "no CONNECT within {}s; closing", settings.connect_timeout.as_secs());
-            return None;
-        }
-        Ok(Ok(Some(Packet::Connect(connect)))) => connect,
-        Ok(Ok(None)) => return None,
-        Ok(Ok(Some(other))) => {
-            // MQTT-3.1.0-1: the first packet must be CONNECT.
-            tracing::info!(%peer, packet = ?kind(&other), "first packet is not CONNECT; closing");
-            return None;
-        }
-        Ok(Err(e)) => {
-            if e.reason() == Some(ReasonCode::UNSUPPORTED_PROTOCOL_VERSION) {
-                // MQTT-3.1.2-2: CONNACK 0x01 (3.1.1's code), then close.
-                let mut outbox = Outbox::default();
-                outbox.queue(&connack(false, ReasonCode(0x01), Properties::default()), Protocol::V311);
-                close(&mut stream, &mut outbox).await;
-            }
-            tracing::info!(%peer, error = %e, "bad CONNECT; closing");
-            return None;
-        }
-    };
-    BrokerStats::add(&broker.shared.stats.bytes_received, u64::from(inbox.take_consumed()));
-    let version = connect.protocol;
-    let v5 = version == Protocol::V5;
-    let refuse = |code: ReasonCode, v311_code: u8, client: &str, why: &str| {
-        tracing::info!(%peer, %client, %code, "connection refused: {why}");
-        let mut outbox = Outbox::default();
-        outbox.queue(
-            &connack(false, if v5 { code } else { ReasonCode(v311_code) }, Properties::default()),
-            version,
-        );
-        outbox
-    };
-    let mut assigned = None;
-    if connect.client_id.is_empty() {
-        if !v5 && !connect.clean_start {
-            // MQTT-3.1.3-8: a zero-length id needs a clean session in 3.1.1.
-            let why = "empty client id without clean session";
-            let mut outbox = refuse(ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, 0x02, "", why);
-            close(&mut stream, &mut outbox).await;
-            return None;
-        }
-        let id = format!("fieldmq-{:016x}", crate::random::random_u64());
-        connect.client_id.clone_from(&id);
-        assigned = Some(id);
-    }
-    // Read before the rules the login uses: a reload in between is caught.
-    let login_epoch = broker.access_epoch();
-    let access = broker.access();
-    let checked = login(
-        access.clone(),
-        &broker.shared.guard,
-        deadline,
-        origin.ip,
-        origin.certificate_user.clone(),
-        connect.username.as_deref(),
-        connect.password.as_deref(),
-    );
-    // Waiting for a password check counts against the connect timeout too.
-    let user = match checked.await {
-        Ok(user) => user,
-        Err(refusal) => {
-            // The same answer for an unknown user and a wrong password.
-            let (code, why) = match refusal {
-                Refusal::BadCredentials => {
-                    (ReasonCode::BAD_USER_NAME_OR_PASSWORD, "bad user name or password")
-                }
-                Refusal::AnonymousNotAllowed => {
-                    (ReasonCode::NOT_AUTHORIZED, "anonymous clients are not allowed")
-                }
-                Refusal::Busy => (ReasonCode::SERVER_BUSY, "the password check waited past connect_timeout"),
-            };
-            // 3.1.1's 0x05 (not authorized) for both, as mosquitto answers;
-            // 0x03 (server unavailable) when it was only busy.
-            let v311 = if refusal == Refusal::Busy { 0x03 } else { 0x05 };
-            let why = match &connect.username {
-                Some(user) => format!("{why} (user `{user}`)"),
-                None => why.to_owned(),
-            };
-            let mut outbox = refuse(code, v311, &connect.client_id, &why);
-            close(&mut stream, &mut outbox).await;
-            return None;
-        }
-    };
-    if let Some(will) = &connect.will {
-        if TopicName::new(will.topic.as_str()).is_err() {
-            let mut outbox =
-                refuse(ReasonCode::TOPIC_NAME_INVALID, 0x02, &connect.client_id, "invalid will topic");
-            close(&mut stream, &mut outbox).await;
-            return None;
-        }
-        // A will is a publish like any other: the ACL must allow it.
-        if !access.may_write(user.as_deref(), &connect.client_id, &will.topic) {
-            let why = "the ACL does not allow the will's topic";
-            let mut outbox = refuse(ReasonCode::NOT_AUTHORIZED, 0x05, &connect.client_id, why);
-            close(&mut stream, &mut outbox).await;
-            return None;
-        }
-    }
-    drop(access);
-    let terms = terms(&broker, &mut connect);
-    let client_id: Arc<str> = connect.client_id.as_str().into();
-    let claim = broker.claim(client_id, connect.clean_start, terms.session_expiry, user.clone(), login_epoch);
-    let claim = match claim.await {
-        Ok(claim) => claim,
-        Err(refused) => {
-            let (code, v311, why) = match refused {
-                ClaimRefused::OtherUser => (
-                    ReasonCode::NOT_AUTHORIZED,
-                    0x05,
-                    "the client id's session belongs to another user's connection",
-                ),
-                ClaimRefused::Reloaded => (
-                    ReasonCode::SERVER_BUSY,
-                    0x03,
-                    "the password and ACL files were reloaded during the login; try again",
-                ),
-            };
-            let mut outbox = refuse(code, v311, &connect.client_id, why);
-            close(&mut stream, &mut outbox).await;
-            return None;
-        }
-    };
-    let settings = broker.settings();
-    let properties = if v5 {
-        Properties {
-            receive_maximum: Some(settings.receive_maximum),
-            topic_alias_maximum: Some(settings.topic_alias_maximum),
-            maximum_packet_size: Some(settings.max_packet_size as u32),
-            assigned_client_identifier: assigned,
-            server_keep_alive: (terms.keep_alive != connect.keep_alive).then_some(terms.keep_alive),
-            retain_available: Some(1),
-            wildcard_subscription_available: Some(1),
-            subscription_identifier_available: Some(1),
-            shared_subscription_available: Some(1),
-            ..Properties::default()
-        }
-    } else {
-        Properties::default()
-    };
-    let session_present = claim.session_present;
-    let identity = Box::new(Identity { peer: peer.into(), user });
-    let mut client = Client::new(broker, claim, terms, identity);
-    client.broker.shared.stats.client_connected();
-    client.queue(&connack(session_present, ReasonCode::SUCCESS, properties));
-    tracing::debug!(peer = %client.identity.peer, client = %client.client_id(), v5, session_present, "client connected");
-    client.resend_inflight();
-    if client.keep_alive != 0 {
-        client.broker.watch_keepalive(&client.claim, client.grace());
-    }
-    Some(Connection { stream, client, inbox, phase: Phase::Work, noticed: false, write_timer: None })
-}
-
-/// The limits CONNECT settles; takes the will out of it.
-fn terms(broker: &Broker, connect: &mut Connect) -> Terms {
-    let v5 = connect.protocol == Protocol::V5;
-    let settings = broker.settings();
-    let p = &connect.properties;
-    // A 5.0 client's Receive Maximum is its limit, ours is max_inflight:
-    // in-flight messages have left the bounded mailbox, so they need one.
-    let send_quota = if v5 {
-        p.receive_maximum.unwrap_or(u16::MAX).min(settings.max_inflight)
-    } else {
-        settings.max_inflight
-    };
-    // 3.1.1: a clean session ends with the connection; otherwise it
-    // never expires. 5.0: as the client says (absent = 0).
-    let session_expiry = if v5 {
-        p.session_expiry_interval.unwrap_or(0)
-    } else if connect.clean_start {
-        0
-    } else {
-        u32::MAX
-    };
-    let mut keep_alive = connect.keep_alive;
-    if settings.max_keep_alive > 0 && (keep_alive == 0 || keep_alive > settings.max_keep_alive) {
-        keep_alive = settings.max_keep_alive;
-    }
-    Terms {
-        version: connect.protocol,
-        keep_alive,
-        send_quota,
-        outbound_alias_max: if v5 { p.topic_alias_maximum.unwrap_or(0) } else { 0 },
-        client_max_packet: p.maximum_packet_size.unwrap_or(u32::MAX),
-        session_expiry,
-        will: connect.will.take().map(Box::new),
-    }
-}
-
-fn connack(session_present: bool, code: ReasonCode, properties: Properties) -> Packet {
-    Packet::Connack(Connack { session_present, code, properties })
 }
 
 /// A connected client, its stream, and where its connection stands.
@@ -321,6 +135,32 @@ struct Connection<S> {
     noticed: bool,
     /// Runs while a write is blocked (the client does not read).
     write_timer: Option<Pin<Box<Sleep>>>,
+    idle: Idle,
+}
+
+/// How the connection stands with the parking lot (`parking.rs`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// Parks the first time it has nothing to do: a fresh connection.
+    ParkNow,
+    /// Resumed from the lot: asks to be looked at the next tick.
+    Resumed,
+    /// Asked to be looked at the next tick; parks then unless `active`
+    /// (it read a packet or sent something since it asked).
+    Asked { active: bool },
+}
+
+/// What the connection's run ends with.
+enum Outcome {
+    Exit(Exit),
+    /// Idle: the connection goes to the lot.
+    Park(Arc<ParkingLot>),
+}
+
+impl From<Exit> for Outcome {
+    fn from(exit: Exit) -> Self {
+        Outcome::Exit(exit)
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -333,16 +173,24 @@ enum Phase {
     Wait,
 }
 
-impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
-    /// The connection's life after CONNACK; ready with how it ended.
-    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Exit> {
-        let Connection { stream, client, inbox, phase, noticed, write_timer } = self;
+impl<S: AsyncRead + AsyncWrite + QuickAck + Parkable + Unpin> Connection<S> {
+    fn new(stream: S, client: Client, inbox: Inbox, idle: Idle) -> Self {
+        Connection { stream, client, inbox, phase: Phase::Work, noticed: false, write_timer: None, idle }
+    }
+
+    /// The connection's life after CONNACK; ready with how it ended, or
+    /// when it is to be parked.
+    fn poll_run(&mut self, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let Connection { stream, client, inbox, phase, noticed, write_timer, idle } = self;
         let mut stream = Pin::new(stream);
         loop {
             match *phase {
                 Phase::Work => {
                     client.pump();
                     client.release_acks();
+                    if client.outbox.pending() > 0 {
+                        idle.active();
+                    }
                     // Answers to a burst of packets go out in one write, once
                     // no whole packet is left to read.
                     let flush = !inbox.has_complete_packet() || client.outbox.pending() > 64 * 1024;
@@ -359,7 +207,7 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
                     }
                     Poll::Ready(Err(e)) => {
                         tracing::debug!(client = %client.client_id(), error = %e, "write failed");
-                        return Poll::Ready(Exit::Abnormal(None));
+                        return Poll::Ready(Exit::Abnormal(None).into());
                     }
                     Poll::Pending => {
                         // A client that stopped reading must not hold off a
@@ -371,13 +219,13 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
                             *noticed = true;
                         }
                         if let Some(exit) = told_to_go(client) {
-                            return Poll::Ready(exit);
+                            return Poll::Ready(exit.into());
                         }
                         let limit = client.write_limit();
                         let timer = write_timer.get_or_insert_with(|| Box::pin(sleep(limit)));
                         if timer.as_mut().poll(cx).is_ready() {
                             tracing::info!(client = %client.client_id(), "client stopped reading; closing");
-                            return Poll::Ready(Exit::Abnormal(None));
+                            return Poll::Ready(Exit::Abnormal(None).into());
                         }
                         return Poll::Pending;
                     }
@@ -388,14 +236,15 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
                     // set before the mailbox is woken for it, and the mailbox
                     // is polled after: one of the two is seen.
                     if let Some(exit) = told_to_go(client) {
-                        return Poll::Ready(exit);
+                        return Poll::Ready(exit.into());
                     }
                     if client.keep_alive != 0 && client.claim.mailbox.keepalive_expired() {
-                        return Poll::Ready(client.keepalive_expired());
+                        return Poll::Ready(client.keepalive_expired().into());
                     }
                     let max = client.broker.settings().max_packet_size;
                     match inbox.poll_packet(stream.as_mut(), cx, max, Some(client.version)) {
                         Poll::Ready(Ok(Some(packet))) => {
+                            idle.active();
                             let stats = &client.broker.shared.stats;
                             BrokerStats::add(&stats.bytes_received, u64::from(inbox.take_consumed()));
                             // The deadline may have passed just before this
@@ -403,16 +252,16 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
                             if client.keep_alive != 0
                                 && !client.broker.keep_alive(&client.claim, client.grace())
                             {
-                                return Poll::Ready(client.keepalive_expired());
+                                return Poll::Ready(client.keepalive_expired().into());
                             }
                             if let Some(exit) = client.handle(packet) {
-                                return Poll::Ready(exit);
+                                return Poll::Ready(exit.into());
                             }
                             *phase = Phase::Work;
                             continue;
                         }
-                        Poll::Ready(Ok(None)) => return Poll::Ready(Exit::Abnormal(None)),
-                        Poll::Ready(Err(e)) => return Poll::Ready(client.on_read_error(e)),
+                        Poll::Ready(Ok(None)) => return Poll::Ready(Exit::Abnormal(None).into()),
+                        Poll::Ready(Err(e)) => return Poll::Ready(client.on_read_error(e).into()),
                         Poll::Pending => {}
                     }
                     if client.claim.mailbox.poll_notified(cx).is_ready()
@@ -424,8 +273,25 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
                     // Nothing to do until one of the wakers above fires.
                     inbox.release();
                     client.outbox.release();
+                    if S::PARKABLE {
+                        if let Some(lot) = time_to_park(client, inbox, idle) {
+                            return Poll::Ready(Outcome::Park(lot));
+                        }
+                    }
                     return Poll::Pending;
                 }
+            }
+        }
+    }
+
+    /// Hands the connection to the parking lot; its task then ends.
+    fn park(self, lot: Arc<ParkingLot>, slot: Option<OwnedSemaphorePermit>) {
+        let Connection { stream, client, .. } = self;
+        match stream.into_socket() {
+            Ok(socket) => lot.park(Parked { socket, client: client.rest(), slot }),
+            Err(e) => {
+                tracing::warn!(client = %client.client_id(), error = %e, "cannot park the connection; closed");
+                end(client, Exit::Abnormal(None));
             }
         }
     }
@@ -433,27 +299,101 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Unpin> Connection<S> {
     /// Says goodbye as `exit` requires, closes, and releases the session.
     async fn finish(self, exit: Exit) {
         let Connection { mut stream, mut client, .. } = self;
-        if matches!(exit, Exit::Shutdown) {
-            // What was queued before the stop (final statuses) goes out first.
-            client.pump();
-        }
-        let will = client.will.take();
-        let (reason, will) = match exit {
-            Exit::Disconnected { with_will } => (None, will.filter(|_| with_will)),
-            Exit::Abnormal(reason) => (reason, will),
-            Exit::Shutdown => (Some(ReasonCode::SERVER_SHUTTING_DOWN), None),
+        let reason = match exit {
+            Exit::Disconnected { .. } => None,
+            Exit::Abnormal(reason) => reason,
+            Exit::Shutdown => {
+                // What was queued before the stop (final statuses) goes out first.
+                client.pump();
+                Some(ReasonCode::SERVER_SHUTTING_DOWN)
+            }
         };
         if let (Some(reason), true) = (reason, client.v5()) {
             client.queue(&Packet::Disconnect(Disconnect::new(reason)));
         }
         close(&mut stream, &mut client.outbox).await;
-        tracing::debug!(client = %client.client_id(), "client disconnected");
-        // A will is checked against the rules in force when it goes.
-        let will =
-            will.filter(|w| client.broker.access().may_write(client.user(), client.client_id(), &w.topic));
-        let Client { broker, claim, session_expiry, .. } = client;
-        broker.shared.stats.client_disconnected();
-        broker.release(claim, Ending { will, session_expiry });
+        end(client, exit);
+    }
+}
+
+impl Idle {
+    fn active(&mut self) {
+        if let Idle::Asked { active } = self {
+            *active = true;
+        }
+    }
+}
+
+/// The lot to park in, when the connection (idle now) is to be parked:
+/// a fresh one at once, a resumed one when the lot's ticker asks and it
+/// did nothing since the last tick. Only a connection with nothing held
+/// (a partial packet, acknowledgements waiting for the buffer) parks.
+fn time_to_park(client: &Client, inbox: &Inbox, idle: &mut Idle) -> Option<Arc<ParkingLot>> {
+    let lot = client.broker.parking()?;
+    let quiet = !inbox.has_buffered() && client.quiet();
+    match *idle {
+        Idle::ParkNow if quiet => return Some(lot.clone()),
+        Idle::ParkNow | Idle::Resumed => {}
+        Idle::Asked { active } => {
+            if !client.claim.mailbox.take_park_request() {
+                return None;
+            }
+            if quiet && !active {
+                return Some(lot.clone());
+            }
+        }
+    }
+    lot.ask_later(client.claim.mailbox.clone(), client.claim.generation);
+    *idle = Idle::Asked { active: false };
+    None
+}
+
+/// The connection is over: its will (unless it said goodbye without one,
+/// or the broker stops) goes, and its session is released.
+fn end(mut client: Client, exit: Exit) {
+    tracing::debug!(client = %client.client_id(), "client disconnected");
+    let will = client.will.take();
+    let will = match exit {
+        Exit::Disconnected { with_will } => will.filter(|_| with_will),
+        Exit::Abnormal(_) => will,
+        Exit::Shutdown => None,
+    };
+    // A will is checked against the rules in force when it goes.
+    let will = will.filter(|w| client.broker.access().may_write(client.user(), client.client_id(), &w.topic));
+    let Client { broker, claim, session_expiry, .. } = client;
+    broker.shared.stats.client_disconnected();
+    broker.release(claim, Ending { will, session_expiry });
+}
+
+/// A connection parked while idle (see `parking.rs`): its socket, its
+/// client at rest, its place under `max_connections`.
+pub(super) struct Parked {
+    pub(super) socket: std::net::TcpStream,
+    client: Resting,
+    slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Parked {
+    /// The mailbox that wakes it.
+    pub(super) fn mailbox(&self) -> &Mailbox {
+        self.client.mailbox()
+    }
+
+    /// Runs the connection as a task of `broker` again, in `tracker`; it
+    /// first looks at its mailbox, then reads.
+    pub(super) fn resume(self, broker: Broker, tracker: &TaskTracker) {
+        let Parked { socket, client, slot } = self;
+        let client = Client::wake(client, broker);
+        match TcpStream::from_std(socket) {
+            Ok(stream) => {
+                let connection = Connection::new(stream, client, Inbox::new(), Idle::Resumed);
+                tracker.spawn(Serve { step: Step::Run(connection), slot });
+            }
+            Err(e) => {
+                tracing::warn!(client = %client.client_id(), error = %e, "cannot resume a parked connection; closed");
+                end(client, Exit::Abnormal(None));
+            }
+        }
     }
 }
 
@@ -477,7 +417,7 @@ fn told_to_go(client: &Client) -> Option<Exit> {
 
 /// Writes what is queued, then shuts the stream down; gives up after a
 /// second (a peer that does not read must not hold the connection's task).
-async fn close<S>(stream: &mut S, outbox: &mut Outbox)
+pub(super) async fn close<S>(stream: &mut S, outbox: &mut Outbox)
 where
     S: AsyncWrite + Unpin,
 {

@@ -118,6 +118,8 @@ pub async fn serve(
             _ = shutdown.cancelled() => {
                 clients.close();
                 clients.wait().await;
+                // Idle clients parked outside any listener's tasks end too.
+                broker.parked_connections_ended().await;
                 return;
             }
             accepted = listener.accept() => accepted,

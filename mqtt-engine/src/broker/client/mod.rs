@@ -82,7 +82,7 @@ pub(super) struct Client {
     client_max_packet: u32,
     pub(super) session_expiry: u32,
     pub(super) will: Option<Box<Will>>,
-    pub(super) identity: Box<Identity>,
+    pub(super) identity: Identity,
     extra: Option<Box<Extra>>,
 }
 
@@ -110,6 +110,29 @@ struct Extra {
     commit_wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
+/// A client whose connection is parked (`parking.rs`): a [`Client`] less
+/// what an idle one does without (the broker, which the lot knows, and its
+/// empty output buffer), as it waits in the lot's slab.
+pub(super) struct Resting {
+    claim: Claim,
+    identity: Identity,
+    will: Option<Box<Will>>,
+    extra: Option<Box<Extra>>,
+    client_max_packet: u32,
+    session_expiry: u32,
+    keep_alive: u16,
+    send_quota: u16,
+    outbound_alias_max: u16,
+    version: Protocol,
+}
+
+impl Resting {
+    /// The mailbox that wakes it.
+    pub(super) fn mailbox(&self) -> &super::Mailbox {
+        &self.claim.mailbox
+    }
+}
+
 /// What CONNECT settled, for [`Client::new`].
 pub(super) struct Terms {
     pub(super) version: Protocol,
@@ -122,7 +145,7 @@ pub(super) struct Terms {
 }
 
 impl Client {
-    pub(super) fn new(broker: Broker, claim: Claim, terms: Terms, identity: Box<Identity>) -> Self {
+    pub(super) fn new(broker: Broker, claim: Claim, terms: Terms, identity: Identity) -> Self {
         Client {
             broker,
             claim,
@@ -136,6 +159,67 @@ impl Client {
             will: terms.will,
             identity,
             extra: None,
+        }
+    }
+
+    /// The client at rest, while its connection is parked; only an idle
+    /// one (nothing queued to send: see [`quiet`](Self::quiet)).
+    pub(super) fn rest(self) -> Resting {
+        let Client {
+            broker: _,
+            claim,
+            outbox: _,
+            version,
+            keep_alive,
+            send_quota,
+            outbound_alias_max,
+            client_max_packet,
+            session_expiry,
+            will,
+            identity,
+            extra,
+        } = self;
+        Resting {
+            claim,
+            identity,
+            will,
+            extra,
+            client_max_packet,
+            session_expiry,
+            keep_alive,
+            send_quota,
+            outbound_alias_max,
+            version,
+        }
+    }
+
+    /// The client of a parked connection that resumes.
+    pub(super) fn wake(resting: Resting, broker: Broker) -> Client {
+        let Resting {
+            claim,
+            identity,
+            will,
+            extra,
+            client_max_packet,
+            session_expiry,
+            keep_alive,
+            send_quota,
+            outbound_alias_max,
+            version,
+        } = resting;
+        Client {
+            broker,
+            claim,
+            outbox: Outbox::default(),
+            version,
+            keep_alive,
+            send_quota,
+            outbound_alias_max,
+            client_max_packet,
+            session_expiry,
+            will,
+            identity,
+            extra,
         }
     }
 
@@ -158,6 +242,12 @@ impl Client {
     /// The user the client acts as, for the ACL.
     pub(super) fn user(&self) -> Option<&str> {
         self.identity.user.as_deref()
+    }
+
+    /// Whether nothing waits to be sent, now or once the buffer commits:
+    /// the client can be parked.
+    pub(super) fn quiet(&self) -> bool {
+        self.outbox.pending() == 0 && self.extra.as_ref().is_none_or(|e| e.held_acks.is_empty())
     }
 
     fn extra(&mut self) -> &mut Extra {
