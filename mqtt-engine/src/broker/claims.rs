@@ -98,7 +98,7 @@ impl Broker {
         }
         mailbox.set_online(true);
         self.touch();
-        Ok(Claim { client, state, mailbox, session_present, generation })
+        Ok(Claim { client, state, mailbox, session_present, generation, released: false })
     }
 
     /// The session state of `client` for the claim `generation`, once the
@@ -116,11 +116,13 @@ impl Broker {
                 if entry.generation != generation {
                     return None;
                 }
-                if let Some(state) = entry.state.take() {
+                if let Some(state) = entry.mailbox.take_state() {
                     return Some(state);
                 }
             }
-            released.await;
+            // A claim dropped unreleased (its task panicked) hands the state
+            // back without a signal: looked for again after a while.
+            let _ = tokio::time::timeout(Duration::from_secs(1), released).await;
         }
     }
 
@@ -139,8 +141,11 @@ impl Broker {
     }
 
     /// Releases a session when its connection ends.
-    pub fn release(&self, claim: Claim, ending: Ending) {
-        let Claim { client, state, mailbox, generation, .. } = claim;
+    pub fn release(&self, mut claim: Claim, ending: Ending) {
+        let state = std::mem::take(&mut claim.state);
+        claim.released = true;
+        let (client, mailbox, generation) = (claim.client.clone(), claim.mailbox.clone(), claim.generation);
+        drop(claim);
         // Before the state is handed back: a connection taking over cannot
         // have registered its own waker and deadline yet.
         mailbox.disconnected();
@@ -152,9 +157,7 @@ impl Broker {
             // its state. Our will goes now unless the session goes on and
             // the will may wait.
             let clean = router.sessions.get(&client).is_some_and(|e| e.taken_over_clean);
-            if let Some(entry) = router.sessions.get_mut(&client) {
-                entry.state = Some(state);
-            }
+            mailbox.hand_back_state(state);
             drop(router);
             self.shared.released.notify_waiters();
             if let Some(will) = ending.will {
@@ -183,9 +186,7 @@ impl Broker {
             }
             return;
         }
-        if let Some(entry) = router.sessions.get_mut(&client) {
-            entry.state = Some(state);
-        }
+        mailbox.hand_back_state(state);
         drop(router);
         let expiry = (ending.session_expiry != u32::MAX)
             .then(|| Duration::from_secs(u64::from(ending.session_expiry)));
@@ -243,7 +244,7 @@ impl Broker {
         }
         // Nobody holds an offline session's state; if somebody just claimed
         // it, the generation check above already returned.
-        let Some(state) = router.sessions.get_mut(client).and_then(|e| e.state.take()) else { return };
+        let Some(state) = entry.mailbox.take_state() else { return };
         router.remove_subscriptions(client, &state);
         let will = router.sessions.remove(client).and_then(|e| e.pending_will);
         drop(router);

@@ -8,7 +8,7 @@ use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::client::{kind, Client, Identity, Terms};
 use super::serve::{close, Origin};
@@ -152,9 +152,18 @@ where
                     "the password and ACL files were reloaded during the login; try again",
                 ),
                 // Taken over before it was connected: CONNACK has no code
-                // for that (0x8E is DISCONNECT's), so it only closes.
+                // for that, so it is accepted and at once taken over (0x8E
+                // in MQTT 5), as if the newer connection came a moment later.
                 ClaimRefused::Superseded => {
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stream.shutdown()).await;
+                    let mut outbox = Outbox::default();
+                    outbox.queue(&connack(false, ReasonCode::SUCCESS, Properties::default()), version);
+                    if v5 {
+                        outbox.queue(
+                            &Packet::Disconnect(Disconnect::new(ReasonCode::SESSION_TAKEN_OVER)),
+                            version,
+                        );
+                    }
+                    close(&mut stream, &mut outbox).await;
                     return None;
                 }
             };

@@ -4,7 +4,8 @@
 //! It is a short lock, never held across an await, so publishing never
 //! waits on a client. Besides mail it carries what the connection must
 //! notice while it waits: a takeover, the broker stopping, a revocation,
-//! its keep alive expiring.
+//! its keep alive expiring. And it keeps the session's state while no
+//! connection holds it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
 use super::parking::ParkingLot;
-use super::session::Delivery;
+use super::session::{Delivery, SessionState};
 use crate::QoS;
 
 /// Where routing leaves deliveries for a client, bounded.
@@ -64,6 +65,9 @@ struct Inner {
     signalled: bool,
     /// Topic and payload bytes of what waits (saturating).
     bytes: u32,
+    /// The session state, while no connection holds it: a claim takes it
+    /// and hands it back when released, or when dropped unreleased.
+    state: Option<Box<SessionState>>,
 }
 
 /// How much may wait in one client's mailbox; the broker's settings,
@@ -145,7 +149,7 @@ impl Mailbox {
     /// An empty mailbox.
     pub fn new() -> Self {
         Mailbox {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner { state: Some(Box::default()), ..Inner::default() }),
             dropped: AtomicU32::new(0),
             online: AtomicBool::new(false),
             revoked: AtomicBool::new(false),
@@ -194,6 +198,8 @@ impl Mailbox {
     /// Makes the claim `generation` the session's holder, and wakes the
     /// connection it takes the session from.
     pub fn take_over(&self, generation: u64) {
+        // The parking lot's question was for the connection before.
+        self.park_requested.store(false, Ordering::Release);
         // Stored before the wake-up: a woken connection sees it.
         self.holder.store(generation, Ordering::Release);
         self.wake();
@@ -202,6 +208,21 @@ impl Mailbox {
     /// Whether a claim later than `generation` took the session over.
     pub fn taken_over(&self, generation: u64) -> bool {
         self.holder.load(Ordering::Acquire) > generation
+    }
+
+    /// Takes the session state, unless a connection holds it.
+    pub fn take_state(&self) -> Option<Box<SessionState>> {
+        self.lock().state.take()
+    }
+
+    /// Gives the session state back (a connection's claim ends).
+    pub fn hand_back_state(&self, state: Box<SessionState>) {
+        self.lock().state = Some(state);
+    }
+
+    /// Looks at the session state; `None` while a connection holds it.
+    pub fn with_state<R>(&self, look: impl FnOnce(Option<&SessionState>) -> R) -> R {
+        look(self.lock().state.as_deref())
     }
 
     /// Puts a delivery back at the front (it could not be sent yet).

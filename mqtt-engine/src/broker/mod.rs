@@ -30,6 +30,8 @@ mod persist;
 mod router;
 mod serve;
 mod session;
+#[cfg(test)]
+mod socket_tests;
 mod stats;
 mod subscriptions;
 
@@ -150,6 +152,18 @@ pub struct Claim {
     /// Whether an earlier session was resumed (CONNACK session present).
     pub session_present: bool,
     generation: u64,
+    /// Set by `release`, which hands the state back itself.
+    released: bool,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        if !self.released {
+            // Dropped unreleased (a task that panicked): the state goes back
+            // all the same, or the session could never be claimed again.
+            self.mailbox.hand_back_state(std::mem::take(&mut self.state));
+        }
+    }
 }
 
 impl Claim {

@@ -22,7 +22,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -54,6 +54,12 @@ pub trait Parkable: Sized {
     fn into_socket(self) -> io::Result<std::net::TcpStream> {
         Err(io::ErrorKind::Unsupported.into())
     }
+
+    /// The stream again, registered with tokio's reactor.
+    fn from_socket(socket: std::net::TcpStream) -> io::Result<Self> {
+        drop(socket);
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl Parkable for TcpStream {
@@ -62,6 +68,10 @@ impl Parkable for TcpStream {
     fn into_socket(self) -> io::Result<std::net::TcpStream> {
         // Deregistered from tokio; still non-blocking.
         self.into_std()
+    }
+
+    fn from_socket(socket: std::net::TcpStream) -> io::Result<Self> {
+        TcpStream::from_std(socket)
     }
 }
 
@@ -86,6 +96,9 @@ pub(super) struct ParkingLot {
     broker: Weak<Shared>,
     /// Signalled when the last parked connection leaves.
     emptied: Notify,
+    /// False once the lot stopped watching its sockets (its epoll failed,
+    /// or the broker stopped): nothing parks any more.
+    open: AtomicBool,
     asks: Mutex<Asks>,
 }
 
@@ -166,6 +179,7 @@ impl ParkingLot {
             runtime: Handle::current(),
             broker: Arc::downgrade(&broker.shared),
             emptied: Notify::new(),
+            open: AtomicBool::new(true),
             asks: Mutex::default(),
         });
         tokio::spawn(lot.clone().watch(broker.shared.shutdown.clone()));
@@ -182,10 +196,23 @@ impl ParkingLot {
         self.parked.load(Ordering::Acquire)
     }
 
+    /// Whether connections may park.
+    pub(super) fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
     /// Parks a connection, or resumes it at once if its mailbox was
-    /// signalled since it last looked (the signal would be lost otherwise).
+    /// signalled since it last looked (the signal would be lost otherwise),
+    /// or if the lot closed.
     pub(super) fn park(self: &Arc<Self>, parked: Parked) {
         let mut slab = self.slab();
+        // Under the slab lock, as `close` sets it: no connection is parked
+        // once the lot closed (a shutdown waits for parked ones to resume).
+        if !self.is_open() {
+            drop(slab);
+            self.resume(parked);
+            return;
+        }
         let index = slab.take_free();
         let token = token(index, slab.slot_taken(index).generation);
         // Under the slab lock, so a wake-up for this token (which needs
@@ -202,6 +229,9 @@ impl ParkingLot {
         {
             tracing::warn!(error = %e, "cannot watch an idle connection's socket; it stays a task");
             parked.mailbox().unparked(token);
+            // A wake-up already sent for this token must not reach the slot's next one.
+            let slot = slab.slot_taken(index);
+            slot.generation = slot.generation.wrapping_add(1);
             slab.free.push(index);
             drop(slab);
             self.resume(parked);
@@ -227,7 +257,9 @@ impl ParkingLot {
         parked.mailbox().unparked(token);
         drop(slab);
         // Spawned before it stops counting as parked: a shutdown waiting
-        // for the lot to empty then waits for the task too.
+        // for the lot to empty then waits for the task too. The task
+        // registers the socket with tokio: this may run under the router's
+        // lock (a delivery woke the mailbox), which must stay short.
         self.resume(parked);
         if self.parked.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.emptied.notify_waiters();
@@ -238,13 +270,36 @@ impl ParkingLot {
         // Gone only once nothing holds it, which a parked connection does
         // not: then there is nothing to resume into.
         let Some(shared) = self.broker.upgrade() else { return };
-        let _runtime = self.runtime.enter();
-        parked.resume(Broker { shared }, &self.tracker);
+        self.tracker.spawn_on(parked.resume(Broker { shared }), &self.runtime);
     }
 
     /// Watches the parked sockets until `shutdown` (which wakes every
-    /// connection through its mailbox).
+    /// connection through its mailbox); then, or if epoll fails, the lot
+    /// closes.
     async fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        self.watch_until(shutdown).await;
+        self.close();
+    }
+
+    /// Closes the lot: nothing parks any more, and what is parked resumes.
+    fn close(&self) {
+        let tokens: Vec<u64> = {
+            let slab = self.slab();
+            self.open.store(false, Ordering::Release);
+            let mut tokens = Vec::new();
+            for (c, chunk) in slab.chunks.iter().enumerate() {
+                for (i, slot) in chunk.iter().enumerate() {
+                    if slot.parked.is_some() {
+                        tokens.push(token((c * CHUNK + i) as u32, slot.generation));
+                    }
+                }
+            }
+            tokens
+        };
+        tokens.into_iter().for_each(|t| self.unpark(t));
+    }
+
+    async fn watch_until(&self, shutdown: CancellationToken) {
         loop {
             let mut ready = tokio::select! {
                 ready = self.epoll.readable() => match ready {
@@ -319,6 +374,7 @@ impl ParkingLot {
     /// Waits until no connection is parked and every resumed one ended:
     /// at shutdown, once every connection was told to go.
     pub(super) async fn drained(&self) {
+        self.close();
         loop {
             let emptied = self.emptied.notified();
             tokio::pin!(emptied);
@@ -334,5 +390,12 @@ impl ParkingLot {
 }
 
 #[cfg(test)]
-#[path = "parking_tests.rs"]
-mod tests;
+mod tests {
+    #[test]
+    fn a_parked_connection_takes_144_bytes_in_the_slab() {
+        // Its client at rest, socket, connection slot, slot generation; the
+        // session (about 450 bytes with the table's share) is kept either way.
+        let size = std::mem::size_of::<super::Slot>();
+        assert!(size <= 144, "a parked connection grew to {size} bytes");
+    }
+}

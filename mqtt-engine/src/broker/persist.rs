@@ -163,11 +163,15 @@ impl Broker {
                 buf.put_u8(o);
                 buf.put_u32(id.unwrap_or(NONE));
             }
-            // `None` while a connection holds it.
-            let state = entry.state.as_deref();
-            let outgoing: Vec<(u16, Outgoing)> = state
-                .as_ref()
-                .map_or_else(Vec::new, |s| s.outgoing.iter().map(|(k, v)| (*k, v.clone())).collect());
+            // Not there while a connection holds it.
+            let (outgoing, incoming, last_id) = entry.mailbox.with_state(|state| match state {
+                Some(s) => (
+                    s.outgoing.iter().map(|(k, v)| (*k, v.clone())).collect(),
+                    s.incoming_qos2.iter().copied().collect(),
+                    s.last_id,
+                ),
+                None => (Vec::new(), Vec::new(), 0),
+            });
             buf.put_u32(outgoing.len() as u32);
             for (id, o) in outgoing {
                 buf.put_u16(id);
@@ -179,11 +183,9 @@ impl Broker {
                     Outgoing::Released => buf.put_u8(1),
                 }
             }
-            let incoming: Vec<u16> =
-                state.as_ref().map_or_else(Vec::new, |s| s.incoming_qos2.iter().copied().collect());
             buf.put_u32(incoming.len() as u32);
-            incoming.iter().for_each(|id| buf.put_u16(*id));
-            buf.put_u16(state.as_ref().map_or(0, |s| s.last_id));
+            incoming.iter().for_each(|id: &u16| buf.put_u16(*id));
+            buf.put_u16(last_id);
             // QoS 0 is not kept for an absent client (it was only queued
             // because the client was online).
             let queued: Vec<Delivery> =
@@ -265,7 +267,7 @@ impl Broker {
             (entry.owner, entry.owner_unknown) = (owner, owner_unknown);
             entry.went_offline();
             entry.generation = router.next_generation();
-            entry.state = Some(Box::new(state));
+            entry.mailbox.hand_back_state(Box::new(state));
             restored.push((client, entry));
         }
         if !r.is_empty() {

@@ -20,11 +20,8 @@ use crate::{Message, QoS, TopicError, TopicFilter, TopicName};
 
 /// A session as the router knows it.
 pub struct SessionEntry {
-    /// The state, while no connection holds the session: the connection
-    /// that claims it takes it, and hands it back when it ends (see
-    /// `claims.rs`).
-    pub state: Option<Box<SessionState>>,
-    /// Where deliveries wait.
+    /// Where deliveries wait; it keeps the session state too, while no
+    /// connection holds it (see `claims.rs`).
     pub mailbox: Arc<Mailbox>,
     /// Whether a connection holds the session (claimed, not released).
     pub held: bool,
@@ -59,7 +56,6 @@ impl SessionEntry {
     /// A new, empty entry, boxed as the table keeps it.
     pub fn new() -> Box<Self> {
         Box::new(SessionEntry {
-            state: Some(Box::default()),
             mailbox: Arc::new(Mailbox::new()),
             held: false,
             generation: 0,

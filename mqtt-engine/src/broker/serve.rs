@@ -24,7 +24,6 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{sleep, timeout, Sleep};
-use tokio_util::task::TaskTracker;
 
 use super::client::{Client, Exit, Resting};
 use super::connect::handshake;
@@ -82,6 +81,9 @@ type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 #[allow(clippy::large_enum_variant)]
 enum Step<S> {
     Handshake(Boxed<Option<Connection<S>>>),
+    /// Back from the parking lot: the socket returns to tokio in the task,
+    /// not in whatever woke the connection.
+    Resume(Parked, Broker),
     Run(Connection<S>),
     Finish(Boxed<()>),
     Done,
@@ -101,6 +103,23 @@ where
                     Some(connection) => *step = Step::Run(connection),
                     None => *step = Step::Done,
                 },
+                Step::Resume(..) => {
+                    if let Step::Resume(parked, broker) = std::mem::replace(step, Step::Done) {
+                        let Parked { socket, client, slot: held } = parked;
+                        *slot = held;
+                        let client = Client::wake(client, broker);
+                        match S::from_socket(socket) {
+                            Ok(stream) => {
+                                *step =
+                                    Step::Run(Connection::new(stream, client, Inbox::new(), Idle::Resumed));
+                            }
+                            Err(e) => {
+                                tracing::warn!(client = %client.client_id(), error = %e, "cannot resume a parked connection; closed");
+                                end(client, Exit::Abnormal(None));
+                            }
+                        }
+                    }
+                }
                 Step::Run(connection) => {
                     let outcome = ready!(connection.poll_run(cx));
                     if let Step::Run(connection) = std::mem::replace(step, Step::Done) {
@@ -186,7 +205,10 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Parkable + Unpin> Connection<S> {
         loop {
             match *phase {
                 Phase::Work => {
-                    client.pump();
+                    if client.pump() {
+                        // More mail than one write takes: more work once written.
+                        *noticed = true;
+                    }
                     client.release_acks();
                     if client.outbox.pending() > 0 {
                         idle.active();
@@ -329,7 +351,7 @@ impl Idle {
 /// did nothing since the last tick. Only a connection with nothing held
 /// (a partial packet, acknowledgements waiting for the buffer) parks.
 fn time_to_park(client: &Client, inbox: &Inbox, idle: &mut Idle) -> Option<Arc<ParkingLot>> {
-    let lot = client.broker.parking()?;
+    let lot = client.broker.parking().filter(|lot| lot.is_open())?;
     let quiet = !inbox.has_buffered() && client.quiet();
     match *idle {
         Idle::ParkNow if quiet => return Some(lot.clone()),
@@ -379,21 +401,10 @@ impl Parked {
         self.client.mailbox()
     }
 
-    /// Runs the connection as a task of `broker` again, in `tracker`; it
-    /// first looks at its mailbox, then reads.
-    pub(super) fn resume(self, broker: Broker, tracker: &TaskTracker) {
-        let Parked { socket, client, slot } = self;
-        let client = Client::wake(client, broker);
-        match TcpStream::from_std(socket) {
-            Ok(stream) => {
-                let connection = Connection::new(stream, client, Inbox::new(), Idle::Resumed);
-                tracker.spawn(Serve { step: Step::Run(connection), slot });
-            }
-            Err(e) => {
-                tracing::warn!(client = %client.client_id(), error = %e, "cannot resume a parked connection; closed");
-                end(client, Exit::Abnormal(None));
-            }
-        }
+    /// The task that runs the connection again, as a client of `broker`;
+    /// it first looks at its mailbox, then reads.
+    pub(super) fn resume(self, broker: Broker) -> Serve<TcpStream> {
+        Serve { step: Step::Resume(self, broker), slot: None }
     }
 }
 

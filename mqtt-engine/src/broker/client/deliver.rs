@@ -29,8 +29,10 @@ impl Client {
         }
     }
 
-    /// Moves mail into the connection, within the client's receive maximum.
-    pub(in crate::broker) fn pump(&mut self) {
+    /// Moves mail into the connection, within the client's receive
+    /// maximum; true when it stopped with mail left that it could send now
+    /// (the output buffer was full enough for one write).
+    pub(in crate::broker) fn pump(&mut self) -> bool {
         // Read access is checked at delivery too: the rules may have been
         // reloaded, and a deny may cover part of a filter.
         let access = self.broker.acl_access();
@@ -61,9 +63,10 @@ impl Client {
                 self.claim.state.outgoing.insert(id, Outgoing::Published(delivery));
             }
             if self.outbox.pending() > 64 * 1024 {
-                break;
+                return !self.claim.mailbox.is_empty();
             }
         }
+        false
     }
 
     /// Queues one PUBLISH; false when it was dropped for being larger than
