@@ -139,9 +139,11 @@ async fn serve(config_path: Option<PathBuf>, mut config: Config) -> ExitCode {
                 runtime::publish_offline(&config, &broker, seen.iter().map(|(_, node)| node));
                 publish_gateway_status(&broker, &config, false);
                 // Clients get what is queued for them (the statuses above),
-                // then DISCONNECT 0x8B.
+                // then DISCONNECT 0x8B. Each connection gives its peer up to
+                // a second for that; one still open when the state is saved
+                // below would lose its in-flight messages from the save.
                 broker.shut_down();
-                if tokio::time::timeout(Duration::from_millis(300), servers.wait()).await.is_err() {
+                if tokio::time::timeout(Duration::from_millis(1500), servers.wait()).await.is_err() {
                     tracing::warn!("some MQTT clients did not take their last messages in time");
                 }
                 // After the last publish: the buffer commits all it took.

@@ -38,7 +38,7 @@ impl Broker {
         user: Option<Arc<str>>,
         login_epoch: u64,
     ) -> Result<Claim, ClaimRefused> {
-        let (mailbox, existed, generation, other_users, ended_will) = {
+        let (mailbox, generation, ended_will) = {
             let mut router = self.router();
             if self.access_epoch() != login_epoch {
                 return Err(ClaimRefused::Reloaded);
@@ -66,45 +66,38 @@ impl Broker {
             // going to outlive that connection.
             let ends_with_holder = entry.held && entry.expiry == 0;
             let existed = entry.generation != 0 && !ends_with_holder;
+            // MQTT-3.1.2-4: a clean start discards the previous session.
+            entry.discard |= clean_start || !existed || other_users;
             // Tells the connection holding the session, if any, to go.
             entry.mailbox.take_over(generation);
             entry.held = true;
             entry.generation = generation;
-            entry.taken_over_clean = clean_start || ends_with_holder;
             // Known from the start, so a snapshot taken while the client is
             // connected keeps only sessions meant to outlive the connection.
             entry.expiry = session_expiry;
             entry.offline_since = None;
             // Back before its will's delay: the will is not sent.
             entry.pending_will = None;
-            (entry.mailbox.clone(), existed, generation, other_users, ended_will)
+            (entry.mailbox.clone(), generation, ended_will)
         };
         if let Some(will) = ended_will {
             self.publish_will(&client, *will);
         }
         // Waits for a connection that was kicked to hand the state back.
-        let Some(mut state) = self.take_state(&client, generation).await else {
+        let Some((state, session_present)) = self.take_state(&client, generation).await else {
             tracing::info!(client = %client, "taken over by a newer connection before its CONNACK; closing");
             return Err(ClaimRefused::Superseded);
         };
-        let fresh = clean_start || !existed || other_users;
-        let session_present = !fresh;
-        if fresh {
-            // MQTT-3.1.2-4: a clean start discards the previous session.
-            let mut router = self.router();
-            router.remove_subscriptions(&client, &state);
-            *state = SessionState::default();
-            mailbox.clear();
-        }
         mailbox.set_online(true);
         self.touch();
         Ok(Claim { client, state, mailbox, session_present, generation, released: false })
     }
 
     /// The session state of `client` for the claim `generation`, once the
-    /// connection that held it has handed it back; `None` if a newer claim
-    /// came meanwhile (the state is for that one).
-    async fn take_state(&self, client: &str, generation: u64) -> Option<Box<SessionState>> {
+    /// connection that held it has handed it back, emptied if a claim
+    /// decided to discard it, and whether it was kept (session present);
+    /// `None` if a newer claim came meanwhile (the state is for that one).
+    async fn take_state(&self, client: &str, generation: u64) -> Option<(Box<SessionState>, bool)> {
         loop {
             // Listening before looking: a hand-back in between is not missed.
             let released = self.shared.released.notified();
@@ -116,8 +109,14 @@ impl Broker {
                 if entry.generation != generation {
                     return None;
                 }
-                if let Some(state) = entry.mailbox.take_state() {
-                    return Some(state);
+                if let Some(mut state) = entry.mailbox.take_state() {
+                    let discard = std::mem::take(&mut entry.discard);
+                    if discard {
+                        entry.mailbox.clear();
+                        router.remove_subscriptions(client, &state);
+                        *state = SessionState::default();
+                    }
+                    return Some((state, !discard));
                 }
             }
             // A claim dropped unreleased (its task panicked) hands the state
@@ -156,7 +155,7 @@ impl Broker {
             // Taken over: the new connection owns the session now, and gets
             // its state. Our will goes now unless the session goes on and
             // the will may wait.
-            let clean = router.sessions.get(&client).is_some_and(|e| e.taken_over_clean);
+            let clean = router.sessions.get(&client).is_some_and(|e| e.discard);
             mailbox.hand_back_state(state);
             drop(router);
             self.shared.released.notify_waiters();
@@ -171,11 +170,6 @@ impl Broker {
         // QoS 0 routed while the client was still here, and not sent, is
         // not kept for its return (MQTT 4.4: only QoS 1/2 are queued).
         mailbox.drop_qos0();
-        if let Some(entry) = router.sessions.get_mut(&client) {
-            entry.held = false;
-            entry.expiry = ending.session_expiry;
-            entry.went_offline();
-        }
         if ending.session_expiry == 0 {
             router.remove_subscriptions(&client, &state);
             router.sessions.remove(&client);
@@ -186,30 +180,37 @@ impl Broker {
             }
             return;
         }
-        mailbox.hand_back_state(state);
-        drop(router);
         let expiry = (ending.session_expiry != u32::MAX)
             .then(|| Duration::from_secs(u64::from(ending.session_expiry)));
-        let will_delay = ending
-            .will
-            .as_ref()
-            .map(|w| Duration::from_secs(u64::from(w.properties.will_delay_interval.unwrap_or(0))));
-        if let (Some(will), Some(delay)) = (ending.will, will_delay) {
-            // MQTT-3.1.3-9: the will goes when its delay passes or the
-            // session ends, whichever is first, unless the client is back.
-            if delay.is_zero() || expiry.is_some_and(|e| e.is_zero()) {
-                self.publish_will(&client, *will);
-            } else {
-                if let Some(entry) = self.router().sessions.get_mut(&client) {
-                    entry.pending_will = Some(will);
-                }
-                let broker = self.clone();
-                let client = client.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    broker.publish_pending_will(&client, generation);
-                });
-            }
+        // MQTT-3.1.3-9: the will goes when its delay passes or the session
+        // ends, whichever is first, unless the client is back.
+        let (will_now, will_later, will_delay) = match ending.will {
+            Some(will) => match will.properties.will_delay_interval.unwrap_or(0) {
+                0 => (Some(will), None, None),
+                _ if expiry.is_some_and(|e| e.is_zero()) => (Some(will), None, None),
+                delay => (None, Some(will), Some(Duration::from_secs(u64::from(delay)))),
+            },
+            None => (None, None, None),
+        };
+        if let Some(entry) = router.sessions.get_mut(&client) {
+            entry.held = false;
+            entry.expiry = ending.session_expiry;
+            entry.went_offline();
+            // Before the lock goes: a claim right after finds it, and cancels it.
+            entry.pending_will = will_later;
+        }
+        mailbox.hand_back_state(state);
+        drop(router);
+        if let Some(will) = will_now {
+            self.publish_will(&client, *will);
+        }
+        if let Some(delay) = will_delay {
+            let broker = self.clone();
+            let client = client.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                broker.publish_pending_will(&client, generation);
+            });
         }
         if let Some(expiry) = expiry {
             let broker = self.clone();
@@ -329,6 +330,33 @@ mod tests {
         let third = third.await.unwrap().unwrap();
         assert!(third.session_present);
         assert_eq!(third.state.last_id, 41, "the state the first connection left");
+    }
+
+    #[tokio::test]
+    async fn a_discard_decided_by_a_claim_superseded_meanwhile_still_happens() {
+        let broker = Broker::default();
+        let epoch = broker.access_epoch();
+        // A clean session (expiry 0) is held; the next claim will not resume it.
+        let mut first = broker.claim(Arc::from("c"), true, 0, None, epoch).await.unwrap();
+        first.state.last_id = 41;
+        let claim = |broker: &Broker| {
+            let broker = broker.clone();
+            tokio::spawn(async move { broker.claim(Arc::from("c"), false, 3600, None, epoch).await })
+        };
+        let second = claim(&broker);
+        while !first.taken_over() {
+            tokio::task::yield_now().await;
+        }
+        // The third would resume the second's session, which never started.
+        let third = claim(&broker);
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        broker.release(first, Ending { will: None, session_expiry: 0 });
+        assert!(matches!(second.await.unwrap(), Err(ClaimRefused::Superseded)));
+        let third = third.await.unwrap().unwrap();
+        assert!(!third.session_present, "the clean session was not to be resumed");
+        assert_eq!(third.state.last_id, 0);
     }
 
     #[tokio::test]

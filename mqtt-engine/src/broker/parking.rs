@@ -227,7 +227,9 @@ impl ParkingLot {
         if let Err(e) =
             epoll::add(self.epoll.get_ref(), &parked.socket, epoll::EventData::new_u64(token), flags)
         {
-            tracing::warn!(error = %e, "cannot watch an idle connection's socket; it stays a task");
+            // Likely for every socket (fs.epoll.max_user_watches): parking stops.
+            tracing::warn!(error = %e, "cannot watch an idle connection's socket; idle connections stay tasks from now on");
+            self.open.store(false, Ordering::Release);
             parked.mailbox().unparked(token);
             // A wake-up already sent for this token must not reach the slot's next one.
             let slot = slab.slot_taken(index);

@@ -28,8 +28,11 @@ pub struct SessionEntry {
     /// Changes whenever a connection claims the session, so timers and a
     /// connection that was taken over know they are stale.
     pub generation: u64,
-    /// Whether the connection that took the session over started clean.
-    pub taken_over_clean: bool,
+    /// A claim decided the session is not resumed (a clean start, a clean
+    /// session taken over, another user's session): the claim that takes
+    /// the state discards it, even when a newer claim superseded the one
+    /// that decided. Meanwhile the holder's will goes at once.
+    pub discard: bool,
     /// The session's subscriptions (as subscribed, `$share/...` included),
     /// kept here too so a snapshot can save them while a connection owns
     /// the session state. A B-tree: nothing allocated while empty, and
@@ -59,7 +62,7 @@ impl SessionEntry {
             mailbox: Arc::new(Mailbox::new()),
             held: false,
             generation: 0,
-            taken_over_clean: false,
+            discard: false,
             subscriptions: BTreeMap::new(),
             expiry: 0,
             offline_since: None,

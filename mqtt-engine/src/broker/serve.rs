@@ -110,8 +110,12 @@ where
                         let client = Client::wake(client, broker);
                         match S::from_socket(socket) {
                             Ok(stream) => {
-                                *step =
-                                    Step::Run(Connection::new(stream, client, Inbox::new(), Idle::Resumed));
+                                // Waiting first: a takeover or a stop that came
+                                // meanwhile is seen before any mail goes out.
+                                let mut connection =
+                                    Connection::new(stream, client, Inbox::new(), Idle::Resumed);
+                                connection.phase = Phase::Wait;
+                                *step = Step::Run(connection);
                             }
                             Err(e) => {
                                 tracing::warn!(client = %client.client_id(), error = %e, "cannot resume a parked connection; closed");

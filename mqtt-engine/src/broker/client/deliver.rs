@@ -49,19 +49,21 @@ impl Client {
             }
             if delivery.qos == QoS::AtMostOnce {
                 self.send_publish(0, &delivery, false);
-                continue;
+            } else {
+                if self.claim.state.outgoing.len() >= usize::from(self.send_quota) {
+                    self.claim.mailbox.unpop(delivery);
+                    break;
+                }
+                let Some(id) = self.claim.state.next_packet_id() else {
+                    self.claim.mailbox.unpop(delivery);
+                    break;
+                };
+                if self.send_publish(id, &delivery, false) {
+                    self.claim.state.outgoing.insert(id, Outgoing::Published(delivery));
+                }
             }
-            if self.claim.state.outgoing.len() >= usize::from(self.send_quota) {
-                self.claim.mailbox.unpop(delivery);
-                break;
-            }
-            let Some(id) = self.claim.state.next_packet_id() else {
-                self.claim.mailbox.unpop(delivery);
-                break;
-            };
-            if self.send_publish(id, &delivery, false) {
-                self.claim.state.outgoing.insert(id, Outgoing::Published(delivery));
-            }
+            // QoS 0 too: what waits beyond one write stays in the mailbox,
+            // under its bounds, not in an output buffer without one.
             if self.outbox.pending() > 64 * 1024 {
                 return !self.claim.mailbox.is_empty();
             }
