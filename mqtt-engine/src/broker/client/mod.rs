@@ -7,6 +7,9 @@
 //! MQTT 5, and a log line. `deliver.rs` is its outgoing side.
 
 mod deliver;
+mod resting;
+
+pub(super) use resting::Resting;
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -110,29 +113,6 @@ struct Extra {
     commit_wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
-/// A client whose connection is parked (`parking.rs`): a [`Client`] less
-/// what an idle one does without (the broker, which the lot knows, and its
-/// empty output buffer), as it waits in the lot's slab.
-pub(super) struct Resting {
-    claim: Claim,
-    identity: Identity,
-    will: Option<Box<Will>>,
-    extra: Option<Box<Extra>>,
-    client_max_packet: u32,
-    session_expiry: u32,
-    keep_alive: u16,
-    send_quota: u16,
-    outbound_alias_max: u16,
-    version: Protocol,
-}
-
-impl Resting {
-    /// The mailbox that wakes it.
-    pub(super) fn mailbox(&self) -> &super::Mailbox {
-        &self.claim.mailbox
-    }
-}
-
 /// What CONNECT settled, for [`Client::new`].
 pub(super) struct Terms {
     pub(super) version: Protocol,
@@ -159,67 +139,6 @@ impl Client {
             will: terms.will,
             identity,
             extra: None,
-        }
-    }
-
-    /// The client at rest, while its connection is parked; only an idle
-    /// one (nothing queued to send: see [`quiet`](Self::quiet)).
-    pub(super) fn rest(self) -> Resting {
-        let Client {
-            broker: _,
-            claim,
-            outbox: _,
-            version,
-            keep_alive,
-            send_quota,
-            outbound_alias_max,
-            client_max_packet,
-            session_expiry,
-            will,
-            identity,
-            extra,
-        } = self;
-        Resting {
-            claim,
-            identity,
-            will,
-            extra,
-            client_max_packet,
-            session_expiry,
-            keep_alive,
-            send_quota,
-            outbound_alias_max,
-            version,
-        }
-    }
-
-    /// The client of a parked connection that resumes.
-    pub(super) fn wake(resting: Resting, broker: Broker) -> Client {
-        let Resting {
-            claim,
-            identity,
-            will,
-            extra,
-            client_max_packet,
-            session_expiry,
-            keep_alive,
-            send_quota,
-            outbound_alias_max,
-            version,
-        } = resting;
-        Client {
-            broker,
-            claim,
-            outbox: Outbox::default(),
-            version,
-            keep_alive,
-            send_quota,
-            outbound_alias_max,
-            client_max_packet,
-            session_expiry,
-            will,
-            identity,
-            extra,
         }
     }
 
