@@ -30,6 +30,8 @@ impl Broker {
     /// left is not resumed but ended (its will goes) and started afresh.
     /// `login_epoch` is [`access_epoch`](Self::access_epoch) before the
     /// login: if the rules were reloaded since, the login is not trusted.
+    /// With the claim: whether an earlier session was resumed (CONNACK's
+    /// session present).
     pub async fn claim(
         &self,
         client: Arc<str>,
@@ -37,7 +39,7 @@ impl Broker {
         session_expiry: u32,
         user: Option<Arc<str>>,
         login_epoch: u64,
-    ) -> Result<Claim, ClaimRefused> {
+    ) -> Result<(Claim, bool), ClaimRefused> {
         let (mailbox, generation, ended_will) = {
             let mut router = self.router();
             if self.access_epoch() != login_epoch {
@@ -90,7 +92,7 @@ impl Broker {
         };
         mailbox.set_online(true);
         self.touch();
-        Ok(Claim { client, state, mailbox, session_present, generation, released: false })
+        Ok((Claim { client, state, mailbox, generation }, session_present))
     }
 
     /// The session state of `client` for the claim `generation`, once the
@@ -140,11 +142,9 @@ impl Broker {
     }
 
     /// Releases a session when its connection ends.
-    pub fn release(&self, mut claim: Claim, ending: Ending) {
-        let state = std::mem::take(&mut claim.state);
-        claim.released = true;
+    /// The claim's state goes back to the session when the claim is dropped.
+    pub fn release(&self, claim: Claim, ending: Ending) {
         let (client, mailbox, generation) = (claim.client.clone(), claim.mailbox.clone(), claim.generation);
-        drop(claim);
         // Before the state is handed back: a connection taking over cannot
         // have registered its own waker and deadline yet.
         mailbox.disconnected();
@@ -156,7 +156,7 @@ impl Broker {
             // its state. Our will goes now unless the session goes on and
             // the will may wait.
             let clean = router.sessions.get(&client).is_some_and(|e| e.discard);
-            mailbox.hand_back_state(state);
+            drop(claim);
             drop(router);
             self.shared.released.notify_waiters();
             if let Some(will) = ending.will {
@@ -171,10 +171,11 @@ impl Broker {
         // not kept for its return (MQTT 4.4: only QoS 1/2 are queued).
         mailbox.drop_qos0();
         if ending.session_expiry == 0 {
-            router.remove_subscriptions(&client, &state);
+            router.remove_subscriptions(&client, &claim.state);
             router.sessions.remove(&client);
             drop(router);
-            drop(state);
+            // Its state goes to a mailbox that goes with the session.
+            drop(claim);
             if let Some(will) = ending.will {
                 self.publish_will(&client, *will);
             }
@@ -199,7 +200,7 @@ impl Broker {
             // Before the lock goes: a claim right after finds it, and cancels it.
             entry.pending_will = will_later;
         }
-        mailbox.hand_back_state(state);
+        drop(claim);
         drop(router);
         if let Some(will) = will_now {
             self.publish_will(&client, *will);
@@ -292,9 +293,11 @@ mod tests {
         let file = PasswordFile::parse(&format!("{ops}{eve}")).unwrap();
         broker.set_access(Access::new(true, Some(file), None));
         let epoch = broker.access_epoch();
-        let ops_claim = broker.claim(Arc::from("c1"), true, 0, Some(Arc::from("ops")), epoch).await.unwrap();
-        let eve_claim = broker.claim(Arc::from("c2"), true, 0, Some(Arc::from("eve")), epoch).await.unwrap();
-        let anon = broker.claim(Arc::from("c3"), true, 0, None, epoch).await.unwrap();
+        let ops_claim =
+            broker.claim(Arc::from("c1"), true, 0, Some(Arc::from("ops")), epoch).await.unwrap().0;
+        let eve_claim =
+            broker.claim(Arc::from("c2"), true, 0, Some(Arc::from("eve")), epoch).await.unwrap().0;
+        let anon = broker.claim(Arc::from("c3"), true, 0, None, epoch).await.unwrap().0;
         // eve's password changes, ops's line stays as it was.
         let changed = PasswordFile::parse(&format!("{ops}{}", line("eve", "c"))).unwrap();
         broker.set_access(Access::new(true, Some(changed.clone()), None));
@@ -314,7 +317,7 @@ mod tests {
             let broker = broker.clone();
             tokio::spawn(async move { broker.claim(Arc::from("c"), false, u32::MAX, None, epoch).await })
         };
-        let mut first = broker.claim(Arc::from("c"), false, u32::MAX, None, epoch).await.unwrap();
+        let mut first = broker.claim(Arc::from("c"), false, u32::MAX, None, epoch).await.unwrap().0;
         first.state.last_id = 41;
         let second = claim(&broker);
         while !first.taken_over() {
@@ -327,8 +330,8 @@ mod tests {
         assert!(!second.is_finished() && !third.is_finished(), "both wait for the state");
         broker.release(first, Ending { will: None, session_expiry: u32::MAX });
         assert!(matches!(second.await.unwrap(), Err(ClaimRefused::Superseded)));
-        let third = third.await.unwrap().unwrap();
-        assert!(third.session_present);
+        let (third, present) = third.await.unwrap().unwrap();
+        assert!(present);
         assert_eq!(third.state.last_id, 41, "the state the first connection left");
     }
 
@@ -337,7 +340,7 @@ mod tests {
         let broker = Broker::default();
         let epoch = broker.access_epoch();
         // A clean session (expiry 0) is held; the next claim will not resume it.
-        let mut first = broker.claim(Arc::from("c"), true, 0, None, epoch).await.unwrap();
+        let mut first = broker.claim(Arc::from("c"), true, 0, None, epoch).await.unwrap().0;
         first.state.last_id = 41;
         let claim = |broker: &Broker| {
             let broker = broker.clone();
@@ -354,8 +357,8 @@ mod tests {
         }
         broker.release(first, Ending { will: None, session_expiry: 0 });
         assert!(matches!(second.await.unwrap(), Err(ClaimRefused::Superseded)));
-        let third = third.await.unwrap().unwrap();
-        assert!(!third.session_present, "the clean session was not to be resumed");
+        let (third, present) = third.await.unwrap().unwrap();
+        assert!(!present, "the clean session was not to be resumed");
         assert_eq!(third.state.last_id, 0);
     }
 

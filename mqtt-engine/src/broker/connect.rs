@@ -137,8 +137,8 @@ where
     let terms = terms(&broker, &mut connect);
     let client_id: Arc<str> = connect.client_id.as_str().into();
     let claim = broker.claim(client_id, connect.clean_start, terms.session_expiry, user.clone(), login_epoch);
-    let claim = match claim.await {
-        Ok(claim) => claim,
+    let (claim, session_present) = match claim.await {
+        Ok(claimed) => claimed,
         Err(refused) => {
             let (code, v311, why) = match refused {
                 ClaimRefused::OtherUser => (
@@ -189,7 +189,6 @@ where
     } else {
         Properties::default()
     };
-    let session_present = claim.session_present;
     let identity = Identity { peer: peer.into(), user };
     let mut client = Client::new(broker, claim, terms, identity);
     client.broker.shared.stats.client_connected();

@@ -140,7 +140,8 @@ struct Shared {
     released: Notify,
 }
 
-/// A claimed session, owned by one connection until released.
+/// A claimed session, owned by one connection until released. It lives in
+/// every connected client: kept to 40 bytes.
 pub struct Claim {
     /// The client id.
     pub client: Arc<str>,
@@ -149,20 +150,15 @@ pub struct Claim {
     /// Its mailbox, which also says when another connection takes the
     /// session over (see [`Claim::taken_over`]).
     pub mailbox: Arc<Mailbox>,
-    /// Whether an earlier session was resumed (CONNACK session present).
-    pub session_present: bool,
     generation: u64,
-    /// Set by `release`, which hands the state back itself.
-    released: bool,
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        if !self.released {
-            // Dropped unreleased (a task that panicked): the state goes back
-            // all the same, or the session could never be claimed again.
-            self.mailbox.hand_back_state(std::mem::take(&mut self.state));
-        }
+        // The state goes back to the session when the claim ends: at
+        // `release`, or when a task that panicked drops it (the session
+        // could never be claimed again otherwise).
+        self.mailbox.hand_back_state(std::mem::take(&mut self.state));
     }
 }
 

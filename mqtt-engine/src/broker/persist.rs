@@ -305,7 +305,7 @@ mod tests {
         // A persistent session with a subscription, released, then a QoS 1
         // message queued for it while it is away.
         let ops = Some(Arc::from("ops"));
-        let mut claim = broker.claim(Arc::from("away"), false, 3600, ops.clone(), 0).await.unwrap();
+        let mut claim = broker.claim(Arc::from("away"), false, 3600, ops.clone(), 0).await.unwrap().0;
         let options = SubscriptionOptions { qos: QoS::AtLeastOnce, ..SubscriptionOptions::default() };
         broker.router().subscribe(&claim.client, "q/#", options, Some(4));
         claim.state.subscriptions.insert("q/#".into(), (options, Some(4)));
@@ -317,8 +317,8 @@ mod tests {
         assert_eq!(restored.restore(broker.snapshot()).unwrap(), (1, 1));
         let retained = restored.retained(&TopicName::new("r/1").unwrap()).unwrap();
         assert_eq!(retained.payload, "kept");
-        let claim = restored.claim(Arc::from("away"), false, 3600, ops, 0).await.unwrap();
-        assert!(claim.session_present, "its owner resumes it after a restart");
+        let (claim, present) = restored.claim(Arc::from("away"), false, 3600, ops, 0).await.unwrap();
+        assert!(present, "its owner resumes it after a restart");
         assert!(claim.state.incoming_qos2.contains(&77));
         let queued = claim.mailbox.pop().unwrap();
         assert_eq!(
@@ -334,7 +334,7 @@ mod tests {
     async fn another_users_session_is_neither_taken_over_nor_resumed() {
         let broker = Broker::default();
         let (ops, eve) = (Some(Arc::from("ops")), Some(Arc::from("eve")));
-        let mut held = broker.claim(Arc::from("dash"), false, 3600, ops.clone(), 0).await.unwrap();
+        let mut held = broker.claim(Arc::from("dash"), false, 3600, ops.clone(), 0).await.unwrap().0;
         held.state.incoming_qos2.insert(9);
         // Held by ops's connection: eve (or an anonymous client) may not kick it.
         assert!(broker.claim(Arc::from("dash"), false, 3600, eve.clone(), 0).await.is_err());
@@ -342,14 +342,14 @@ mod tests {
         assert!(!held.taken_over());
         broker.release(held, super::super::Ending { will: None, session_expiry: 3600 });
         // Left by ops: eve gets a fresh session, not ops's state.
-        let fresh = broker.claim(Arc::from("dash"), false, 3600, eve, 0).await.unwrap();
-        assert!(!fresh.session_present && fresh.state.incoming_qos2.is_empty());
+        let (fresh, present) = broker.claim(Arc::from("dash"), false, 3600, eve, 0).await.unwrap();
+        assert!(!present && fresh.state.incoming_qos2.is_empty());
     }
 
     #[tokio::test]
     async fn a_connected_clean_session_is_not_saved_and_a_takeover_of_it_starts_fresh() {
         let broker = Broker::default();
-        let clean = broker.claim(Arc::from("clean"), true, 0, None, 0).await.unwrap();
+        let clean = broker.claim(Arc::from("clean"), true, 0, None, 0).await.unwrap().0;
         broker.router().subscribe(&clean.client, "t/#", SubscriptionOptions::default(), None);
         // Saved while connected: a session ending with its connection is not kept.
         assert_eq!(Broker::default().restore(broker.snapshot()).unwrap(), (0, 0));
@@ -361,8 +361,8 @@ mod tests {
                 async move { takeover.claim(Arc::from("clean"), false, 3600, None, 0).await.unwrap() },
             );
         broker.release(clean, super::super::Ending { will: None, session_expiry: 0 });
-        let new = new.await.unwrap();
-        assert!(!new.session_present);
+        let (new, present) = new.await.unwrap();
+        assert!(!present);
         assert!(new.state.subscriptions.is_empty());
     }
 

@@ -453,11 +453,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_idle_connection_task_stays_in_the_384_byte_class() {
+    fn a_connection_task_stays_in_the_384_byte_class() {
         // tokio 1.54 puts 104 bytes around a task's future (header,
         // scheduler, id, stage tag, trailer) and rounds the cell up to 128
         // bytes; the listener's task tracker adds 8. Up to 272 bytes the
-        // cell of an idle connection is 384 bytes, past that 512.
+        // cell of a connection is 384 bytes, past that 512. Measured as the
+        // gateway builds it (`cargo test --workspace`): tokio's
+        // rt-multi-thread makes a TcpStream 8 bytes larger.
         let size = std::mem::size_of::<Serve<tokio::net::TcpStream>>();
         assert!(size <= 272, "the connection task grew to {size} bytes");
     }
