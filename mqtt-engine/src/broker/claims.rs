@@ -309,18 +309,20 @@ mod tests {
         assert!(!ops_claim.mailbox.revoked());
     }
 
-    #[tokio::test]
-    async fn a_takeover_gets_the_state_handed_back_and_a_claim_superseded_meanwhile_is_refused() {
+    /// A held claim of client "c" (`clean`, `expiry`), then two more
+    /// claims (not clean, expiry 3600) waiting for its state, the second
+    /// claimed after the first: the held claim, and the two waiting.
+    async fn held_then_two_claims(clean: bool, expiry: u32) -> (Broker, Claim, ClaimTask, ClaimTask) {
         let broker = Broker::default();
         let epoch = broker.access_epoch();
         let claim = |broker: &Broker| {
             let broker = broker.clone();
-            tokio::spawn(async move { broker.claim(Arc::from("c"), false, u32::MAX, None, epoch).await })
+            tokio::spawn(async move { broker.claim(Arc::from("c"), false, 3600, None, epoch).await })
         };
-        let mut first = broker.claim(Arc::from("c"), false, u32::MAX, None, epoch).await.unwrap().0;
-        first.state.last_id = 41;
+        let (mut held, _) = broker.claim(Arc::from("c"), clean, expiry, None, epoch).await.unwrap();
+        held.state.last_id = 41;
         let second = claim(&broker);
-        while !first.taken_over() {
+        while !held.taken_over() {
             tokio::task::yield_now().await;
         }
         let third = claim(&broker);
@@ -328,7 +330,15 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert!(!second.is_finished() && !third.is_finished(), "both wait for the state");
-        broker.release(first, Ending { will: None, session_expiry: u32::MAX });
+        (broker, held, second, third)
+    }
+
+    type ClaimTask = tokio::task::JoinHandle<Result<(Claim, bool), ClaimRefused>>;
+
+    #[tokio::test]
+    async fn a_takeover_gets_the_state_handed_back_and_a_claim_superseded_meanwhile_is_refused() {
+        let (broker, held, second, third) = held_then_two_claims(false, u32::MAX).await;
+        broker.release(held, Ending { will: None, session_expiry: u32::MAX });
         assert!(matches!(second.await.unwrap(), Err(ClaimRefused::Superseded)));
         let (third, present) = third.await.unwrap().unwrap();
         assert!(present);
@@ -337,25 +347,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_discard_decided_by_a_claim_superseded_meanwhile_still_happens() {
-        let broker = Broker::default();
-        let epoch = broker.access_epoch();
-        // A clean session (expiry 0) is held; the next claim will not resume it.
-        let mut first = broker.claim(Arc::from("c"), true, 0, None, epoch).await.unwrap().0;
-        first.state.last_id = 41;
-        let claim = |broker: &Broker| {
-            let broker = broker.clone();
-            tokio::spawn(async move { broker.claim(Arc::from("c"), false, 3600, None, epoch).await })
-        };
-        let second = claim(&broker);
-        while !first.taken_over() {
-            tokio::task::yield_now().await;
-        }
-        // The third would resume the second's session, which never started.
-        let third = claim(&broker);
-        for _ in 0..10 {
-            tokio::task::yield_now().await;
-        }
-        broker.release(first, Ending { will: None, session_expiry: 0 });
+        // A clean session (expiry 0) is held: the second claim will not
+        // resume it, and the third would resume the second's, which never
+        // started.
+        let (broker, held, second, third) = held_then_two_claims(true, 0).await;
+        broker.release(held, Ending { will: None, session_expiry: 0 });
         assert!(matches!(second.await.unwrap(), Err(ClaimRefused::Superseded)));
         let (third, present) = third.await.unwrap().unwrap();
         assert!(!present, "the clean session was not to be resumed");
