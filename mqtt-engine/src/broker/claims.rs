@@ -69,7 +69,13 @@ impl Broker {
             let ends_with_holder = entry.held && entry.expiry == 0;
             let existed = entry.generation != 0 && !ends_with_holder;
             // MQTT-3.1.2-4: a clean start discards the previous session.
-            entry.discard |= clean_start || !existed || other_users;
+            let discard = clean_start || !existed || other_users;
+            entry.discard |= discard;
+            if discard && ended_will.is_none() {
+                // A will waiting for its delay goes now: its session ends
+                // first (MQTT-3.1.3-9).
+                ended_will = entry.pending_will.take();
+            }
             // Tells the connection holding the session, if any, to go.
             entry.mailbox.take_over(generation);
             entry.held = true;
@@ -356,6 +362,27 @@ mod tests {
         let (third, present) = third.await.unwrap().unwrap();
         assert!(!present, "the clean session was not to be resumed");
         assert_eq!(third.state.last_id, 0);
+    }
+
+    #[tokio::test]
+    async fn a_clean_start_ends_the_session_and_sends_the_will_still_waiting_for_its_delay() {
+        // MQTT-3.1.3-9: the will goes at its delay or when the session ends.
+        let broker = Broker::default();
+        let epoch = broker.access_epoch();
+        let mut wills = broker.subscribe(crate::TopicFilter::new("wills/#").unwrap(), 4);
+        let will = crate::packet::Will {
+            topic: "wills/c".into(),
+            payload: bytes::Bytes::from_static(b"gone"),
+            qos: crate::QoS::AtLeastOnce,
+            retain: false,
+            properties: crate::packet::Properties { will_delay_interval: Some(600), ..Default::default() },
+        };
+        let (claim, _) = broker.claim(Arc::from("c"), false, 3600, None, epoch).await.unwrap();
+        broker.release(claim, Ending { will: Some(Box::new(will)), session_expiry: 3600 });
+        assert!(wills.try_recv().is_none(), "the will waits for its delay");
+        let (_claim, present) = broker.claim(Arc::from("c"), true, 3600, None, epoch).await.unwrap();
+        assert!(!present);
+        assert_eq!(wills.try_recv().map(|m| m.payload), Some(bytes::Bytes::from_static(b"gone")));
     }
 
     #[tokio::test]

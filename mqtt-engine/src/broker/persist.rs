@@ -130,9 +130,14 @@ impl Broker {
             put_envelope(&mut buf, envelope);
         }
         let now = unix_now();
-        // Sessions that end with their connection are not worth keeping.
-        let sessions: Vec<(&Arc<str>, &SessionEntry)> =
-            router.sessions.iter().filter(|(_, e)| e.expiry != 0).map(|(c, e)| (c, &**e)).collect();
+        // Sessions that end with their connection are not worth keeping,
+        // nor one a claim is about to discard (its client asked for that).
+        let sessions: Vec<(&Arc<str>, &SessionEntry)> = router
+            .sessions
+            .iter()
+            .filter(|(_, e)| e.expiry != 0 && !e.discard)
+            .map(|(c, e)| (c, &**e))
+            .collect();
         buf.put_u32(sessions.len() as u32);
         for (client, entry) in sessions {
             put_str(&mut buf, client);

@@ -229,7 +229,10 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Parkable + Unpin> Connection<S> {
                 Phase::Flush => match client.outbox.poll_flush(stream.as_mut(), cx) {
                     Poll::Ready(Ok(())) => {
                         *write_timer = None;
-                        *phase = if std::mem::take(noticed) { Phase::Work } else { Phase::Wait };
+                        // Reading first, even with work due (`noticed`): a
+                        // flood of mail must not keep the client's packets
+                        // (its PINGREQ, its acknowledgements) unread.
+                        *phase = Phase::Wait;
                     }
                     Poll::Ready(Err(e)) => {
                         tracing::debug!(client = %client.client_id(), error = %e, "write failed");
@@ -290,7 +293,8 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Parkable + Unpin> Connection<S> {
                         Poll::Ready(Err(e)) => return Poll::Ready(client.on_read_error(e).into()),
                         Poll::Pending => {}
                     }
-                    if client.claim.mailbox.poll_notified(cx).is_ready()
+                    if std::mem::take(noticed)
+                        || client.claim.mailbox.poll_notified(cx).is_ready()
                         || client.poll_committed(cx).is_ready()
                     {
                         *phase = Phase::Work;
@@ -329,8 +333,9 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Parkable + Unpin> Connection<S> {
             Exit::Disconnected { .. } => None,
             Exit::Abnormal(reason) => reason,
             Exit::Shutdown => {
-                // What was queued before the stop (final statuses) goes out first.
-                client.pump();
+                // What was queued before the stop (final statuses) goes out
+                // first, all of it (the mailbox's bounds bound it).
+                while client.pump() {}
                 Some(ReasonCode::SERVER_SHUTTING_DOWN)
             }
         };

@@ -17,7 +17,12 @@ use crate::{Message, QoS, TopicName};
 type Client = (PacketReader<OwnedReadHalf>, PacketWriter<OwnedWriteHalf>);
 
 async fn connect(addr: SocketAddr, id: &str) -> Client {
-    let (r, w) = TcpStream::connect(addr).await.unwrap().into_split();
+    session(TcpStream::connect(addr).await.unwrap(), id).await
+}
+
+/// CONNECT (5.0, a session kept 60 s) on `stream`, and its CONNACK.
+async fn session(stream: TcpStream, id: &str) -> Client {
+    let (r, w) = stream.into_split();
     let (mut reader, mut writer) = (PacketReader::new(r, 1 << 20), PacketWriter::new(w));
     writer.version = Protocol::V5;
     reader.version = Some(Protocol::V5);
@@ -137,4 +142,35 @@ async fn mail_beyond_one_write_goes_out_without_waiting_for_more_mail_or_acks() 
         }
     };
     tokio::time::timeout(Duration::from_millis(500), all).await.expect("the burst stalled after 64 KiB");
+}
+
+#[tokio::test]
+async fn a_flood_of_mail_does_not_keep_the_clients_packets_unread() {
+    let (broker, addr, _serving) = listening().await;
+    // A small receive window: the broker's writes block soon, as over a
+    // slow link.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut client = session(socket.connect(addr).await.unwrap(), "busy").await;
+    subscribe(&mut client, "flood/#", QoS::AtMostOnce);
+    client.1.flush().await.unwrap();
+    assert!(matches!(next(&mut client).await, Packet::Suback(_)));
+    // 9 MiB waiting (more than the kernel's buffers and tokio's budget of
+    // writes per poll take), then a PINGREQ: its answer comes between
+    // deliveries, not after the last (a keep alive could expire meanwhile).
+    let topic = TopicName::new("flood/x").unwrap();
+    for _ in 0..9000 {
+        broker.publish(Message { qos: QoS::AtMostOnce, ..Message::new(topic.clone(), vec![b'x'; 1024]) });
+    }
+    client.1.queue(&Packet::Pingreq);
+    client.1.flush().await.unwrap();
+    let mut before = 0;
+    loop {
+        match next(&mut client).await {
+            Packet::Publish(_) => before += 1,
+            Packet::Pingresp => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(before < 9000, "PINGRESP came after every delivery");
 }
