@@ -195,7 +195,7 @@ where
     client.queue(&connack(session_present, ReasonCode::SUCCESS, properties));
     tracing::debug!(peer = %client.identity.peer, client = %client.client_id(), v5, session_present, "client connected");
     client.resend_inflight();
-    if client.keep_alive != 0 {
+    if client.terms.keep_alive != 0 {
         client.broker.watch_keepalive(&client.claim, client.grace());
     }
     Some((stream, client, inbox))

@@ -267,18 +267,18 @@ impl<S: AsyncRead + AsyncWrite + QuickAck + Parkable + Unpin> Connection<S> {
                     if let Some(exit) = told_to_go(client) {
                         return Poll::Ready(exit.into());
                     }
-                    if client.keep_alive != 0 && client.claim.mailbox.keepalive_expired() {
+                    if client.terms.keep_alive != 0 && client.claim.mailbox.keepalive_expired() {
                         return Poll::Ready(client.keepalive_expired().into());
                     }
                     let max = client.broker.settings().max_packet_size;
-                    match inbox.poll_packet(stream.as_mut(), cx, max, Some(client.version)) {
+                    match inbox.poll_packet(stream.as_mut(), cx, max, Some(client.terms.version)) {
                         Poll::Ready(Ok(Some(packet))) => {
                             idle.active();
                             let stats = &client.broker.shared.stats;
                             BrokerStats::add(&stats.bytes_received, u64::from(inbox.take_consumed()));
                             // The deadline may have passed just before this
                             // packet was read: then it closes the connection.
-                            if client.keep_alive != 0
+                            if client.terms.keep_alive != 0
                                 && !client.broker.keep_alive(&client.claim, client.grace())
                             {
                                 return Poll::Ready(client.keepalive_expired().into());
@@ -383,7 +383,7 @@ fn time_to_park(client: &Client, inbox: &Inbox, idle: &mut Idle) -> Option<Arc<P
 /// or the broker stops) goes, and its session is released.
 fn end(mut client: Client, exit: Exit) {
     tracing::debug!(client = %client.client_id(), "client disconnected");
-    let will = client.will.take();
+    let will = client.terms.will.take();
     let will = match exit {
         Exit::Disconnected { with_will } => will.filter(|_| with_will),
         Exit::Abnormal(_) => will,
@@ -391,9 +391,9 @@ fn end(mut client: Client, exit: Exit) {
     };
     // A will is checked against the rules in force when it goes.
     let will = will.filter(|w| client.broker.access().may_write(client.user(), client.client_id(), &w.topic));
-    let Client { broker, claim, session_expiry, .. } = client;
+    let Client { broker, claim, terms, .. } = client;
     broker.shared.stats.client_disconnected();
-    broker.release(claim, Ending { will, session_expiry });
+    broker.release(claim, Ending { will, session_expiry: terms.session_expiry });
 }
 
 /// A connection parked while idle (see `parking.rs`): its socket, its

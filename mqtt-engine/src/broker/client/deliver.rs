@@ -50,7 +50,7 @@ impl Client {
             if delivery.qos == QoS::AtMostOnce {
                 self.send_publish(0, &delivery, false);
             } else {
-                if self.claim.state.outgoing.len() >= usize::from(self.send_quota) {
+                if self.claim.state.outgoing.len() >= usize::from(self.terms.send_quota) {
                     self.claim.mailbox.unpop(delivery);
                     break;
                 }
@@ -94,8 +94,8 @@ impl Client {
         // A new alias is recorded only once the packet is sure to go out,
         // so the client never meets an alias it was not given.
         let mut new_alias = None;
-        if self.outbound_alias_max > 0 {
-            let max = usize::from(self.outbound_alias_max);
+        if self.terms.outbound_alias_max > 0 {
+            let max = usize::from(self.terms.outbound_alias_max);
             let aliases = &self.extra().outbound_aliases;
             if let Some(alias) = aliases.get(&publish.topic) {
                 publish.properties.topic_alias = Some(*alias);
@@ -106,10 +106,10 @@ impl Client {
                 new_alias = Some(alias);
             }
         }
-        if self.client_max_packet != u32::MAX {
+        if self.terms.client_max_packet != u32::MAX {
             // Measured as it will be sent, alias included.
-            let size = encoded_len(&Packet::Publish(publish.clone()), self.version);
-            if size > self.client_max_packet as usize {
+            let size = encoded_len(&Packet::Publish(publish.clone()), self.terms.version);
+            if size > self.terms.client_max_packet as usize {
                 tracing::debug!(client = %self.client_id(), size, "message larger than the client's maximum packet size dropped");
                 return false;
             }

@@ -73,18 +73,7 @@ pub(super) struct Client {
     pub(super) broker: Broker,
     pub(super) claim: Claim,
     pub(super) outbox: Outbox,
-    pub(super) version: Protocol,
-    /// The keep alive in force (the client's, or the broker's maximum).
-    pub(super) keep_alive: u16,
-    /// How many QoS 1/2 messages we may have in flight to the client.
-    send_quota: u16,
-    /// Topic aliases the client allows us.
-    outbound_alias_max: u16,
-    /// The largest packet the client accepts; `u32::MAX` when it set no
-    /// limit (no packet can be that large).
-    client_max_packet: u32,
-    pub(super) session_expiry: u32,
-    pub(super) will: Option<Box<Will>>,
+    pub(super) terms: Terms,
     pub(super) identity: Identity,
     extra: Option<Box<Extra>>,
 }
@@ -113,37 +102,30 @@ struct Extra {
     commit_wait: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
-/// What CONNECT settled, for [`Client::new`].
+/// What CONNECT settled: the client's limits and its will.
 pub(super) struct Terms {
     pub(super) version: Protocol,
+    /// The keep alive in force (the client's, or the broker's maximum).
     pub(super) keep_alive: u16,
+    /// How many QoS 1/2 messages we may have in flight to the client.
     pub(super) send_quota: u16,
+    /// Topic aliases the client allows us.
     pub(super) outbound_alias_max: u16,
+    /// The largest packet the client accepts; `u32::MAX` when it set no
+    /// limit (no packet can be that large).
     pub(super) client_max_packet: u32,
+    /// May change at DISCONNECT (MQTT 5).
     pub(super) session_expiry: u32,
     pub(super) will: Option<Box<Will>>,
 }
 
 impl Client {
     pub(super) fn new(broker: Broker, claim: Claim, terms: Terms, identity: Identity) -> Self {
-        Client {
-            broker,
-            claim,
-            outbox: Outbox::default(),
-            version: terms.version,
-            keep_alive: terms.keep_alive,
-            send_quota: terms.send_quota,
-            outbound_alias_max: terms.outbound_alias_max,
-            client_max_packet: terms.client_max_packet,
-            session_expiry: terms.session_expiry,
-            will: terms.will,
-            identity,
-            extra: None,
-        }
+        Client { broker, claim, outbox: Outbox::default(), terms, identity, extra: None }
     }
 
     pub(super) fn v5(&self) -> bool {
-        self.version == Protocol::V5
+        self.terms.version == Protocol::V5
     }
 
     pub(super) fn client_id(&self) -> &str {
@@ -153,7 +135,7 @@ impl Client {
     /// Queues a packet for the client.
     pub(super) fn queue(&mut self, packet: &Packet) {
         let before = self.outbox.pending();
-        self.outbox.queue(packet, self.version);
+        self.outbox.queue(packet, self.terms.version);
         let stats = &self.broker.shared.stats;
         BrokerStats::add(&stats.bytes_sent, (self.outbox.pending() - before) as u64);
     }
@@ -176,13 +158,13 @@ impl Client {
     /// 1.5 x the keep alive (MQTT-3.1.2-22 / 3.1.2-24): how long the
     /// client may stay silent.
     pub(super) fn grace(&self) -> Duration {
-        Duration::from_millis(u64::from(self.keep_alive) * 1500)
+        Duration::from_millis(u64::from(self.terms.keep_alive) * 1500)
     }
 
     /// How long a write may block: a client that stops reading must not
     /// hold its task (and its session, and a takeover, and shutdown) forever.
     pub(super) fn write_limit(&self) -> Duration {
-        if self.keep_alive == 0 {
+        if self.terms.keep_alive == 0 {
             WRITE_LIMIT
         } else {
             self.grace().min(WRITE_LIMIT)
@@ -203,7 +185,7 @@ impl Client {
                 break;
             }
             if let Some((_, ack)) = extra.held_acks.pop_front() {
-                self.outbox.queue(&ack, self.version);
+                self.outbox.queue(&ack, self.terms.version);
             }
         }
         let stats = &self.broker.shared.stats;
@@ -240,7 +222,7 @@ impl Client {
 
     /// The keep alive expired: logged, and the connection ends with 0x8D.
     pub(super) fn keepalive_expired(&self) -> Exit {
-        tracing::info!(client = %self.client_id(), keep_alive = self.keep_alive, "keep alive expired (1.5 x); closing");
+        tracing::info!(client = %self.client_id(), keep_alive = self.terms.keep_alive, "keep alive expired (1.5 x); closing");
         Exit::Abnormal(Some(ReasonCode::KEEP_ALIVE_TIMEOUT))
     }
 
@@ -305,14 +287,14 @@ impl Client {
             Packet::Pingreq => self.queue(&Packet::Pingresp),
             Packet::Disconnect(d) => {
                 if let Some(expiry) = d.properties.session_expiry_interval {
-                    if self.session_expiry == 0 && expiry != 0 {
+                    if self.terms.session_expiry == 0 && expiry != 0 {
                         // MQTT-3.14.2-2.
                         return self.violation(
                             ReasonCode::PROTOCOL_ERROR,
                             "session expiry set at DISCONNECT after 0 at CONNECT",
                         );
                     }
-                    self.session_expiry = expiry;
+                    self.terms.session_expiry = expiry;
                 }
                 return Some(Exit::Disconnected { with_will: d.code == ReasonCode::DISCONNECT_WITH_WILL });
             }
